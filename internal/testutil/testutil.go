@@ -1,0 +1,100 @@
+// Package testutil holds the few helpers every package's tests share: where
+// the shared fixtures live, and how a test that needs root or an external
+// tool bows out.
+//
+// A test that cannot run here skips with a reason. Under RAFSNBD_STRICT=1
+// (set by scripts/test.sh in CI, which installs every tool and runs as root)
+// the same condition is a failure instead, so a green CI never hides a
+// skipped check.
+package testutil
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+// Strict reports whether missing prerequisites must fail tests instead of
+// skipping them.
+func Strict() bool { return os.Getenv("RAFSNBD_STRICT") == "1" }
+
+// Unavailable skips the test, or fails it in strict mode, with the reason.
+func Unavailable(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if Strict() {
+		t.Fatalf("prerequisite missing under RAFSNBD_STRICT=1: "+format, args...)
+	}
+	t.Skipf("skipping: "+format, args...)
+}
+
+// RequireRoot bows out unless the test runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Unavailable(t, "needs root (mount, losetup, FUSE)")
+	}
+}
+
+// RequireTool bows out unless every named program is on PATH, and returns
+// the path of the first.
+func RequireTool(t testing.TB, names ...string) string {
+	t.Helper()
+	first := ""
+	for _, name := range names {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			Unavailable(t, "%s not found on PATH (scripts/test.sh installs it)", name)
+			return ""
+		}
+		if first == "" {
+			first = p
+		}
+	}
+	return first
+}
+
+// SkipShort skips long tests under -short; never an error, even in strict mode.
+func SkipShort(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("skipping in -short mode")
+	}
+}
+
+// FixturesDir returns the absolute path of ../shared/fixtures as seen from
+// the repository root, bowing out when it is absent.
+func FixturesDir(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join(RepoRoot(t), "..", "shared", "fixtures")
+	if _, err := os.Stat(dir); err != nil {
+		Unavailable(t, "fixtures not found at %s (the shared/ folder sits beside the repository)", dir)
+		return ""
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return abs
+}
+
+// NydusFixture returns the path of a file in ../shared/fixtures/nydus.
+func NydusFixture(t testing.TB, name string) string {
+	t.Helper()
+	p := filepath.Join(FixturesDir(t), "nydus", name)
+	if _, err := os.Stat(p); err != nil {
+		Unavailable(t, "fixture %s not found", p)
+	}
+	return p
+}
+
+// RepoRoot returns the repository root (the directory holding go.mod).
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		t.Fatal("testutil: cannot locate source file")
+	}
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
