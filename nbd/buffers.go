@@ -1,0 +1,43 @@
+package nbd
+
+import (
+	"math/bits"
+	"sync"
+)
+
+// bufferPool hands out data buffers in power-of-two size classes from 4 KiB
+// to MaxRequestSize, so that the request path reuses memory instead of
+// allocating per request. Pointers to slices are pooled so that Put does
+// not allocate an interface box.
+type bufferPool struct {
+	classes [numBufferClasses]sync.Pool
+}
+
+const (
+	minBufferShift   = 12 // 4 KiB
+	maxBufferShift   = 25 // 32 MiB = MaxRequestSize
+	numBufferClasses = maxBufferShift - minBufferShift + 1
+)
+
+// bufferClass returns the size class holding n bytes (1 <= n <= 32 MiB).
+func bufferClass(n int) int {
+	if n <= 1<<minBufferShift {
+		return 0
+	}
+	return bits.Len(uint(n-1)) - minBufferShift
+}
+
+// get returns a buffer with len == cap >= n. n must be at most MaxRequestSize.
+func (p *bufferPool) get(n int) *[]byte {
+	c := bufferClass(n)
+	if b, ok := p.classes[c].Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 1<<(c+minBufferShift))
+	return &b
+}
+
+// put returns a buffer obtained from get.
+func (p *bufferPool) put(b *[]byte) {
+	p.classes[bufferClass(cap(*b))].Put(b)
+}

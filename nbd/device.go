@@ -1,0 +1,69 @@
+// Package nbd serves read-only block devices over the NBD protocol: to the
+// Linux kernel on an already-connected socket (ServeTransmission), and to
+// network clients such as qemu, nbdinfo, nbdcopy and nbdfuse after a fixed
+// newstyle handshake (Server).
+//
+// One transmission engine serves both. Per connection it runs a reader that
+// keeps pulling request headers, a bounded pool of handlers that read from
+// the device concurrently, and a single writer that sends each reply's
+// header and data in one writev, in whatever order the handlers finish.
+// A success header is only ever written with its data in hand, so a failed
+// device read becomes an EIO reply for that request and nothing else.
+package nbd
+
+import (
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Device is what an export serves: random-access reads over a fixed size.
+// ReadAt must be safe for concurrent use (os.File and io.SectionReader are).
+type Device interface {
+	io.ReaderAt
+	Size() int64
+}
+
+// Export is one named device offered to network clients.
+type Export struct {
+	// Name is what clients ask for (nbd://host/NAME). The empty name asks for
+	// the default export, which is the first one.
+	Name string
+	// Description is shown by `nbdinfo --list`; optional.
+	Description string
+	// Device holds the bytes.
+	Device Device
+	// BlockSize is the block size clients should prefer (advertised as
+	// NBD_INFO_BLOCK_SIZE's preferred size): the filesystem's block size,
+	// 512 or 4096. 0 means 4096. Any byte range is still served.
+	BlockSize uint32
+}
+
+func (e *Export) preferredBlockSize() uint32 {
+	if e.BlockSize == 0 {
+		return 4096
+	}
+	return e.BlockSize
+}
+
+func (e *Export) validate() error {
+	if e.Device == nil {
+		return fmt.Errorf("nbd: export %q: no device", e.Name)
+	}
+	if len(e.Name) > maxNameLength {
+		return fmt.Errorf("nbd: export name of %d bytes exceeds %d", len(e.Name), maxNameLength)
+	}
+	if len(e.Description) > maxNameLength {
+		return fmt.Errorf("nbd: export %q: description of %d bytes exceeds %d", e.Name, len(e.Description), maxNameLength)
+	}
+	if b := e.preferredBlockSize(); b < 512 || b > 64<<10 || b&(b-1) != 0 {
+		return fmt.Errorf("nbd: export %q: block size %d is not a power of two in 512..65536", e.Name, b)
+	}
+	if e.Device.Size() < 0 {
+		return fmt.Errorf("nbd: export %q: negative size %d", e.Name, e.Device.Size())
+	}
+	return nil
+}
+
+// errNoDevice is returned by ServeTransmission when given a nil device.
+var errNoDevice = errors.New("nbd: no device")

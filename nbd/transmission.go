@@ -1,0 +1,350 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// TransmissionOptions tunes the transmission engine. The zero value is ready
+// to use.
+type TransmissionOptions struct {
+	// Handlers bounds how many device reads run at once on one connection.
+	// 0 means 4 × GOMAXPROCS (at least 8). Raise it when the device may
+	// block on slow fetches, so that one cold read does not hold up others.
+	Handlers int
+	// MaxRequestSize is the longest READ served, in bytes; longer ones get
+	// EINVAL and the connection carries on. 0 means MaxRequestSize (32 MiB),
+	// which is also the upper bound.
+	MaxRequestSize uint32
+	// DrainTimeout bounds how long replies to requests already read may take
+	// to reach the peer once ctx is cancelled. 0 means 10 s.
+	DrainTimeout time.Duration
+	// Logger receives device errors and connection diagnostics; nil is silent.
+	Logger *zerolog.Logger
+
+	// buffers is shared by all connections of a Server; nil gives the
+	// connection a pool of its own.
+	buffers *bufferPool
+}
+
+const (
+	// readBufferSize is the request-side buffer: large enough to take in a
+	// burst of pipelined headers (the kernel keeps up to 128 in flight per
+	// socket) with one read system call.
+	readBufferSize = 64 << 10
+	// maxBatchReplies bounds how many finished replies the writer gathers
+	// into one writev (two iovecs each; Linux allows 1024).
+	maxBatchReplies = 64
+	defaultDrain    = 10 * time.Second
+)
+
+// ServeTransmission runs the transmission phase on conn, which must already
+// be past any handshake: the kernel's NBD socket, or a network client after
+// negotiation. It serves READ from dev, answers WRITE, TRIM and
+// WRITE_ZEROES with EPERM (consuming a WRITE's payload so the stream stays
+// in step), FLUSH with success and anything else with EINVAL. Replies go out
+// in completion order.
+//
+// It returns nil after NBD_CMD_DISC or after ctx is cancelled, in both cases
+// once every request already read has been answered (or DrainTimeout has
+// passed). It returns an error wrapping io.EOF when the peer closed without
+// NBD_CMD_DISC, and another error when the stream broke (bad magic, short
+// header, failed write). conn is always closed when it returns.
+func ServeTransmission(ctx context.Context, conn net.Conn, dev Device, opts TransmissionOptions) error {
+	if dev == nil {
+		_ = conn.Close()
+		return errNoDevice
+	}
+	return serveTransmission(ctx, conn, bufio.NewReaderSize(conn, readBufferSize), dev, opts)
+}
+
+// request is one slot of the engine: a request in flight from the moment the
+// reader takes it until the writer has sent its reply.
+type request struct {
+	reply  [replyHeaderSize]byte // simple reply: magic, error, cookie
+	offset int64
+	length int
+	buf    *[]byte // pooled data buffer; set only when the data is in hand
+}
+
+func (r *request) prepare(cookie uint64, errno uint32) {
+	binary.BigEndian.PutUint32(r.reply[0:4], magicSimpleReply)
+	binary.BigEndian.PutUint32(r.reply[4:8], errno)
+	binary.BigEndian.PutUint64(r.reply[8:16], cookie)
+}
+
+func (r *request) setError(errno uint32) { binary.BigEndian.PutUint32(r.reply[4:8], errno) }
+
+type engine struct {
+	conn       net.Conn
+	in         *bufio.Reader
+	dev        Device
+	size       uint64
+	maxRequest uint32
+	buffers    *bufferPool
+	log        zerolog.Logger
+
+	free    chan *request // idle slots; bounds requests in flight
+	work    chan *request // READs waiting for a handler
+	replies chan *request // finished requests waiting for the writer
+
+	cancelled   atomic.Bool // ctx was cancelled: stop reading, drain
+	writeFailed atomic.Bool // the writer hit an error: stop reading
+
+	// Writer-owned state, reused so the hot path does not allocate.
+	writeErr error
+	batch    []*request
+	iov      [][]byte
+	out      net.Buffers
+}
+
+var errDisconnect = errors.New("nbd: disconnect requested") // internal: DISC seen
+
+func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev Device, opts TransmissionOptions) error {
+	handlers := opts.Handlers
+	if handlers <= 0 {
+		handlers = max(8, 4*runtime.GOMAXPROCS(0))
+	}
+	maxRequest := opts.MaxRequestSize
+	if maxRequest == 0 || maxRequest > MaxRequestSize {
+		maxRequest = MaxRequestSize
+	}
+	drain := opts.DrainTimeout
+	if drain <= 0 {
+		drain = defaultDrain
+	}
+	buffers := opts.buffers
+	if buffers == nil {
+		buffers = new(bufferPool)
+	}
+	log := zerolog.Nop()
+	if opts.Logger != nil {
+		log = *opts.Logger
+	}
+	size := dev.Size()
+	if size < 0 {
+		_ = conn.Close()
+		return fmt.Errorf("nbd: device reports negative size %d", size)
+	}
+
+	// Twice as many slots as handlers lets the reader queue the next
+	// requests while replies are being written.
+	slots := 2 * handlers
+	e := &engine{
+		conn: conn, in: in, dev: dev, size: uint64(size), maxRequest: maxRequest,
+		buffers: buffers, log: log,
+		free:    make(chan *request, slots),
+		work:    make(chan *request, slots),
+		replies: make(chan *request, slots),
+		batch:   make([]*request, 0, maxBatchReplies),
+		iov:     make([][]byte, 0, 2*maxBatchReplies),
+	}
+	for range slots {
+		e.free <- new(request)
+	}
+
+	stopWatch := context.AfterFunc(ctx, func() {
+		e.cancelled.Store(true)
+		// Wake the reader now; give replies already owed a bounded time.
+		_ = conn.SetReadDeadline(time.Unix(1, 0))
+		_ = conn.SetWriteDeadline(time.Now().Add(drain))
+	})
+
+	var workers sync.WaitGroup
+	for range handlers {
+		workers.Go(func() {
+			for r := range e.work {
+				e.handle(r)
+			}
+		})
+	}
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		e.writeLoop()
+	}()
+
+	readErr := e.readLoop()
+	close(e.work)
+	workers.Wait()
+	close(e.replies)
+	<-writerDone
+	stopWatch()
+	_ = conn.Close()
+
+	switch {
+	case e.writeErr != nil:
+		return fmt.Errorf("nbd: writing reply: %w", e.writeErr)
+	case errors.Is(readErr, errDisconnect), e.cancelled.Load():
+		return nil
+	default:
+		return readErr
+	}
+}
+
+// readLoop pulls request headers until DISC, cancellation, a broken stream
+// or a writer failure. It never blocks on a device read: READs are handed
+// to the handlers, everything else is answered from here.
+func (e *engine) readLoop() error {
+	for {
+		hdr, err := e.in.Peek(requestHeaderSize)
+		if err != nil {
+			return e.readError(err, len(hdr))
+		}
+		if m := binary.BigEndian.Uint32(hdr[0:4]); m != magicRequest {
+			return fmt.Errorf("nbd: request magic %#08x, want %#08x: stream out of sync", m, magicRequest)
+		}
+		flags := binary.BigEndian.Uint16(hdr[4:6])
+		cmd := binary.BigEndian.Uint16(hdr[6:8])
+		cookie := binary.BigEndian.Uint64(hdr[8:16])
+		offset := binary.BigEndian.Uint64(hdr[16:24])
+		length := binary.BigEndian.Uint32(hdr[24:28])
+		_, _ = e.in.Discard(requestHeaderSize) // cannot fail: Peek saw the bytes
+
+		switch cmd {
+		case cmdRead:
+			switch {
+			case flags&^cmdFlagFUA != 0, // no other flag was negotiated
+				length == 0,
+				length > e.maxRequest,
+				offset > e.size, uint64(length) > e.size-offset:
+				e.replyError(cookie, errInval)
+			default:
+				r := <-e.free
+				r.prepare(cookie, 0)
+				r.offset, r.length = int64(offset), int(length)
+				e.work <- r
+			}
+		case cmdWrite:
+			// The payload follows the header whatever we answer; consume
+			// it so the next header is where the peer put it.
+			if n, err := e.in.Discard(int(length)); err != nil {
+				return e.readError(err, requestHeaderSize+n)
+			}
+			e.replyError(cookie, errPerm)
+		case cmdDisc:
+			return errDisconnect
+		case cmdFlush:
+			e.replyError(cookie, 0) // nothing is ever dirty
+		case cmdTrim, cmdWriteZeroes:
+			e.replyError(cookie, errPerm)
+		default: // CACHE and BLOCK_STATUS were not negotiated; the rest is unknown
+			e.replyError(cookie, errInval)
+		}
+	}
+}
+
+// readError explains why reading stopped. partial is how many bytes of the
+// current request had arrived.
+func (e *engine) readError(err error, partial int) error {
+	switch {
+	case e.writeFailed.Load(), e.cancelled.Load():
+		return nil // the caller reports the real reason
+	case errors.Is(err, io.EOF) && partial == 0:
+		return fmt.Errorf("nbd: peer closed the connection without NBD_CMD_DISC: %w", err)
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("nbd: peer closed the connection inside a request: %w", io.ErrUnexpectedEOF)
+	default:
+		return fmt.Errorf("nbd: reading request: %w", err)
+	}
+}
+
+// replyError queues a header-only reply (errno 0 is a bare success).
+func (e *engine) replyError(cookie uint64, errno uint32) {
+	r := <-e.free
+	r.prepare(cookie, errno)
+	e.replies <- r
+}
+
+// handle reads one request's data into a pooled buffer. Only a complete read
+// is a success; anything else fails this request with EIO.
+func (e *engine) handle(r *request) {
+	buf := e.buffers.get(r.length)
+	data := (*buf)[:r.length]
+	n, err := readFully(e.dev, data, r.offset)
+	if n == len(data) {
+		r.buf = buf // io.ReaderAt may return io.EOF with a full buffer
+	} else {
+		e.buffers.put(buf)
+		r.setError(errIO)
+		if err == nil {
+			err = io.ErrShortBuffer
+		}
+		e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
+	}
+	e.replies <- r
+}
+
+// readFully calls ReadAt, turning a panic in the device into an error so one
+// bad request cannot take the server down.
+func readFully(dev Device, p []byte, off int64) (n int, err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			n, err = 0, fmt.Errorf("device panicked: %v", v)
+		}
+	}()
+	return dev.ReadAt(p, off)
+}
+
+// writeLoop is the only writer on the connection. It gathers whatever replies
+// are ready and sends them with one writev, then recycles their slots.
+func (e *engine) writeLoop() {
+	for r := range e.replies {
+		batch := append(e.batch[:0], r)
+	gather:
+		for len(batch) < maxBatchReplies {
+			select {
+			case r, ok := <-e.replies:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, r)
+			default:
+				break gather
+			}
+		}
+		e.send(batch)
+		clear(batch)
+		e.batch = batch[:0]
+	}
+}
+
+func (e *engine) send(batch []*request) {
+	if e.writeErr == nil {
+		iov := e.iov[:0]
+		for _, r := range batch {
+			iov = append(iov, r.reply[:])
+			if r.buf != nil {
+				iov = append(iov, (*r.buf)[:r.length])
+			}
+		}
+		e.out = iov
+		if _, err := e.out.WriteTo(e.conn); err != nil {
+			// The stream is broken: stop the reader and keep recycling
+			// slots so handlers and reader can finish.
+			e.writeErr = err
+			e.writeFailed.Store(true)
+			_ = e.conn.SetReadDeadline(time.Unix(1, 0))
+		}
+		clear(iov)
+		e.iov = iov[:0]
+	}
+	for _, r := range batch {
+		if r.buf != nil {
+			e.buffers.put(r.buf)
+			r.buf = nil
+		}
+		e.free <- r
+	}
+}
