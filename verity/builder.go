@@ -1,0 +1,513 @@
+package verity
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"runtime"
+)
+
+// Tree is a finished hash tree.
+type Tree struct {
+	Params Params
+	Root   []byte // the root hash
+	// HashArea is the hash area (Params.TreeSize bytes, to be stored at
+	// Params.HashOffset) when the Builder had no output; nil otherwise.
+	HashArea []byte
+}
+
+// RootHex is the root hash in lower-case hex, as veritysetup prints it.
+func (t *Tree) RootHex() string { return hex.EncodeToString(t.Root) }
+
+// Options is the nydus "dm-verity options: ..." line for this tree.
+func (t *Tree) Options() string { return t.Params.OptionsLine(t.Root) }
+
+// batchTarget is roughly how many data bytes one worker hashes at a time:
+// large enough that handing a batch over costs nothing next to hashing it,
+// small enough that a few in flight per core stay cheap in memory.
+const batchTarget = 2 << 20
+
+// Builder computes a tree from data written to it in order. It is not safe
+// for concurrent use; the hashing runs on its own goroutines, which Finish
+// and Close wait for.
+type Builder struct {
+	p     Params
+	lay   layout
+	out   sink
+	mem   []byte // the hash area when the caller gave no output
+	fill  []byte // one hash block of unused-slot filler (zeros or nydus digests)
+	alg   algorithm
+	total uint64 // data bytes expected
+	taken uint64 // data bytes accepted so far
+
+	batchBlocks int      // data blocks per full batch, a multiple of lay.perBlock
+	free        []*batch // idle batches
+	queue       []*batch // dispatched, oldest first, not yet drained
+	cur         *batch   // batch being filled
+	nextBatch   uint64   // index of the next batch to dispatch
+
+	upper    []*levelBuffer // partial hash blocks of levels 2..n (index 0 = level 2)
+	upHasher blockHasher    // hashes the blocks of levels 2..n
+	root     []byte
+	err      error // sticky: once set, every call returns it
+	done     bool
+}
+
+// batch is one run of whole data blocks and what hashing it produced.
+type batch struct {
+	index    uint64
+	data     []byte
+	n        int    // bytes of data filled
+	l1       []byte // level-1 hash blocks of this batch
+	l1Blocks int
+	up       []byte // digests of those level-1 blocks (entries of level 2)
+	h        blockHasher
+	finished chan struct{}
+}
+
+// levelBuffer collects digests into the current hash block of one level.
+type levelBuffer struct {
+	level int    // 0-based level index
+	block []byte // current hash block
+	used  int    // digests in block
+	index uint64 // block number within the level
+}
+
+// blockHasher computes H(salt ‖ block) into a slot without allocating.
+type blockHasher struct {
+	h    hash.Hash
+	salt []byte
+	sha  bool // plain sha256 without salt: use the allocation-free function
+}
+
+func (bh *blockHasher) sum(dst, block []byte) {
+	if bh.sha {
+		d := sha256.Sum256(block)
+		copy(dst, d[:])
+		return
+	}
+	bh.h.Reset()
+	bh.h.Write(bh.salt)
+	bh.h.Write(block)
+	bh.h.Sum(dst[:0])
+}
+
+// nydusFillDigest is sha256 of a zero 4 KiB page, which nydus writes into
+// every digest slot that has nothing to cover.
+var nydusFillDigest = sha256.Sum256(make([]byte, 4096))
+
+// NewBuilder starts a tree for p. Hash blocks are written to out at
+// p.HashOffset and onward as they are completed; with a nil out the tree
+// is kept in memory and returned in Tree.HashArea. Write exactly
+// p.DataSize() bytes, then call Finish (or Close to abandon).
+func NewBuilder(p Params, out io.WriterAt) (*Builder, error) {
+	var s sink
+	if out != nil {
+		s = writerAtSink{w: out, base: p.HashOffset}
+	}
+	return newBuilder(p, s)
+}
+
+func newBuilder(p Params, out sink) (*Builder, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	p.Salt = append([]byte(nil), p.Salt...)
+	alg, _ := lookupAlgorithm(p.Algorithm)
+	b := &Builder{p: p, alg: alg, lay: newLayout(p, alg.size), total: p.DataSize(), out: out}
+	if b.out == nil {
+		if b.lay.size > uint64(maxInt) {
+			return nil, fmt.Errorf("verity: a %d-byte tree does not fit in memory; give NewBuilder an output", b.lay.size)
+		}
+		b.mem = make([]byte, b.lay.size)
+		b.out = memSink(b.mem)
+	}
+	b.fill = make([]byte, p.HashBlockSize)
+	if p.Compat == NydusCompat {
+		for i := 0; i < len(b.fill); i += len(nydusFillDigest) {
+			copy(b.fill[i:], nydusFillDigest[:])
+		}
+	}
+	coverage := b.lay.perBlock * p.DataBlockSize // data bytes one level-1 block covers
+	b.batchBlocks = max(1, batchTarget/coverage) * b.lay.perBlock
+	if uint64(b.batchBlocks) > p.DataBlocks {
+		b.batchBlocks = int(p.DataBlocks) // small data: one right-sized batch
+	}
+	b.upHasher = b.newHasher()
+	for i := 1; i < b.lay.levels; i++ {
+		lb := &levelBuffer{level: i, block: make([]byte, p.HashBlockSize)}
+		copy(lb.block, b.fill)
+		b.upper = append(b.upper, lb)
+	}
+	return b, nil
+}
+
+func (b *Builder) newHasher() blockHasher {
+	return blockHasher{h: b.alg.newHash(), salt: b.p.Salt, sha: b.p.Algorithm == "sha256" && len(b.p.Salt) == 0}
+}
+
+const maxInt = int(^uint(0) >> 1)
+
+func (b *Builder) newBatch() *batch {
+	l1Blocks := ceilDiv(uint64(b.batchBlocks), uint64(b.lay.perBlock))
+	bt := &batch{
+		data: make([]byte, b.batchBlocks*b.p.DataBlockSize),
+		l1:   make([]byte, l1Blocks*uint64(b.p.HashBlockSize)),
+		up:   make([]byte, l1Blocks*uint64(b.alg.size)),
+		h:    b.newHasher(),
+	}
+	return bt
+}
+
+// inFlight is how many batches may be hashing or waiting to be drained:
+// one per core keeps every core busy, two more let the writer fill the
+// next batch meanwhile.
+func inFlight() int { return runtime.GOMAXPROCS(0) + 2 }
+
+// Write hashes data, which continues what was written before. It copies
+// data, so the caller may reuse it on return.
+func (b *Builder) Write(data []byte) (int, error) {
+	if err := b.usable(); err != nil {
+		return 0, err
+	}
+	if uint64(len(data)) > b.total-b.taken {
+		b.err = fmt.Errorf("verity: more than the %d data bytes of %d blocks written", b.total, b.p.DataBlocks)
+		return 0, b.err
+	}
+	n := 0
+	for n < len(data) {
+		dst, err := b.space()
+		if err != nil {
+			return n, err
+		}
+		c := copy(dst, data[n:])
+		n += c
+		if err := b.filled(c); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// ReadFrom hashes everything r yields until io.EOF, reading straight into
+// the batch buffers (io.Copy uses it). It fails if r yields more than the
+// expected data.
+func (b *Builder) ReadFrom(r io.Reader) (int64, error) {
+	return b.readFrom(context.Background(), r)
+}
+
+func (b *Builder) readFrom(ctx context.Context, r io.Reader) (int64, error) {
+	if err := b.usable(); err != nil {
+		return 0, err
+	}
+	var n int64
+	for {
+		if err := ctx.Err(); err != nil {
+			b.err = err
+			return n, err
+		}
+		if b.taken == b.total {
+			// Anything more is an error, which one extra read detects.
+			var probe [1]byte
+			c, err := r.Read(probe[:])
+			if c > 0 {
+				b.err = fmt.Errorf("verity: data is longer than the %d bytes of %d blocks", b.total, b.p.DataBlocks)
+				return n, b.err
+			}
+			if err == io.EOF {
+				return n, nil
+			}
+			if err != nil {
+				b.err = fmt.Errorf("verity: reading data: %w", err)
+				return n, b.err
+			}
+			continue
+		}
+		dst, err := b.space()
+		if err != nil {
+			return n, err
+		}
+		c, rerr := r.Read(dst)
+		n += int64(c)
+		if err := b.filled(c); err != nil {
+			return n, err
+		}
+		if rerr == io.EOF {
+			return n, nil
+		}
+		if rerr != nil {
+			b.err = fmt.Errorf("verity: reading data: %w", rerr)
+			return n, b.err
+		}
+	}
+}
+
+func (b *Builder) usable() error {
+	if b.err != nil {
+		return b.err
+	}
+	if b.done {
+		return errors.New("verity: builder already finished")
+	}
+	return nil
+}
+
+// space returns the free part of the current batch, limited to the data
+// still expected, starting a batch if needed. The caller reports how much
+// it filled with filled.
+func (b *Builder) space() ([]byte, error) {
+	if b.cur == nil {
+		bt, err := b.idleBatch()
+		if err != nil {
+			return nil, err
+		}
+		bt.n = 0
+		b.cur = bt
+	}
+	limit := uint64(len(b.cur.data) - b.cur.n)
+	limit = min(limit, b.total-b.taken)
+	return b.cur.data[b.cur.n : uint64(b.cur.n)+limit], nil
+}
+
+func (b *Builder) filled(c int) error {
+	b.cur.n += c
+	b.taken += uint64(c)
+	if b.cur.n == len(b.cur.data) {
+		return b.dispatch()
+	}
+	return nil
+}
+
+// idleBatch returns a batch to fill: a new one while fewer than inFlight
+// exist, otherwise the oldest dispatched one once it is drained.
+func (b *Builder) idleBatch() (*batch, error) {
+	if len(b.free) > 0 {
+		bt := b.free[len(b.free)-1]
+		b.free = b.free[:len(b.free)-1]
+		return bt, nil
+	}
+	if len(b.queue) < inFlight() {
+		return b.newBatch(), nil
+	}
+	if err := b.drainOldest(); err != nil {
+		return nil, err
+	}
+	bt := b.free[len(b.free)-1]
+	b.free = b.free[:len(b.free)-1]
+	return bt, nil
+}
+
+// dispatch hands the current batch to a goroutine for hashing.
+func (b *Builder) dispatch() error {
+	bt := b.cur
+	b.cur = nil
+	bt.index = b.nextBatch
+	b.nextBatch++
+	bt.finished = make(chan struct{})
+	b.queue = append(b.queue, bt)
+	go func() {
+		defer close(bt.finished)
+		b.hashBatch(bt)
+	}()
+	return nil
+}
+
+// hashBatch computes the level-1 hash blocks of a batch and their digests.
+// It runs on its own goroutine and touches only the batch and read-only
+// builder fields.
+func (b *Builder) hashBatch(bt *batch) {
+	dbs, hbs, slot, ds := b.p.DataBlockSize, b.p.HashBlockSize, b.lay.slot, b.alg.size
+	blocks := bt.n / dbs
+	bt.l1Blocks = (blocks + b.lay.perBlock - 1) / b.lay.perBlock
+	for j := 0; j < bt.l1Blocks; j++ {
+		hb := bt.l1[j*hbs : (j+1)*hbs]
+		first := j * b.lay.perBlock
+		last := min(first+b.lay.perBlock, blocks)
+		for i := first; i < last; i++ {
+			s := hb[(i-first)*slot : (i-first+1)*slot]
+			bt.h.sum(s[:ds], bt.data[i*dbs:(i+1)*dbs])
+			clear(s[ds:])
+		}
+		copy(hb[(last-first)*slot:], b.fill[(last-first)*slot:])
+		bt.h.sum(bt.up[j*ds:(j+1)*ds], hb)
+	}
+}
+
+// drainOldest waits for the oldest dispatched batch, stores its level-1
+// blocks, feeds their digests to level 2, and returns it to the free list.
+func (b *Builder) drainOldest() error {
+	bt := b.queue[0]
+	<-bt.finished
+	b.queue[0] = nil
+	b.queue = b.queue[1:]
+	b.free = append(b.free, bt)
+	if b.err != nil {
+		return b.err
+	}
+	if b.lay.levels == 0 {
+		// A single data block has no tree: its digest, the first slot of
+		// the one level-1 block computed, is the root.
+		return b.push(0, bt.l1[:b.alg.size])
+	}
+	hbs := uint64(b.p.HashBlockSize)
+	firstL1 := bt.index * uint64(b.batchBlocks/b.lay.perBlock)
+	off := (b.lay.levelStart[0] + firstL1) * hbs
+	if err := b.out.put(off, bt.l1[:bt.l1Blocks*b.p.HashBlockSize]); err != nil {
+		b.err = err
+		return err
+	}
+	ds := b.alg.size
+	for j := 0; j < bt.l1Blocks; j++ {
+		if err := b.push(1, bt.up[j*ds:(j+1)*ds]); err != nil {
+			b.err = err
+			return err
+		}
+	}
+	return nil
+}
+
+// push adds a digest of a level-(level-1) block to level `level` (0-based),
+// or makes it the root when that level is past the top.
+func (b *Builder) push(level int, digest []byte) error {
+	if level == b.lay.levels {
+		if b.root != nil {
+			return errors.New("verity: internal error: second root digest")
+		}
+		b.root = append([]byte(nil), digest...)
+		return nil
+	}
+	lb := b.upper[level-1]
+	copy(lb.block[lb.used*b.lay.slot:], digest)
+	lb.used++
+	if lb.used == b.lay.perBlock {
+		return b.emit(lb)
+	}
+	return nil
+}
+
+// emit stores a level's current block, pushes its digest up, and starts
+// the next block.
+func (b *Builder) emit(lb *levelBuffer) error {
+	if lb.index >= b.lay.levelBlocks[lb.level] {
+		return fmt.Errorf("verity: internal error: level %d overflows its %d blocks", lb.level+1, b.lay.levelBlocks[lb.level])
+	}
+	off := (b.lay.levelStart[lb.level] + lb.index) * uint64(b.p.HashBlockSize)
+	if err := b.out.put(off, lb.block); err != nil {
+		return err
+	}
+	var digest [64]byte
+	d := digest[:b.alg.size]
+	b.upHasher.sum(d, lb.block)
+	lb.index++
+	lb.used = 0
+	copy(lb.block, b.fill)
+	return b.push(lb.level+1, d)
+}
+
+// Finish hashes what is still pending, completes the upper levels and
+// returns the tree. It fails if fewer than p.DataSize() bytes were written.
+func (b *Builder) Finish() (*Tree, error) {
+	if err := b.usable(); err != nil {
+		b.Close()
+		return nil, err
+	}
+	if b.taken != b.total {
+		b.err = fmt.Errorf("verity: got %d of the %d data bytes of %d blocks", b.taken, b.total, b.p.DataBlocks)
+		b.Close()
+		return nil, b.err
+	}
+	b.done = true
+	if b.cur != nil {
+		if err := b.dispatch(); err != nil {
+			b.Close()
+			return nil, err
+		}
+	}
+	for len(b.queue) > 0 {
+		if err := b.drainOldest(); err != nil {
+			b.Close()
+			return nil, err
+		}
+	}
+	// Complete each partial upper block, bottom up: emitting one may fill
+	// the level above.
+	for _, lb := range b.upper {
+		if lb.used > 0 {
+			if err := b.emit(lb); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if b.root == nil {
+		return nil, errors.New("verity: internal error: no root digest")
+	}
+	for _, lb := range b.upper {
+		if lb.index != b.lay.levelBlocks[lb.level] {
+			return nil, fmt.Errorf("verity: internal error: level %d has %d of %d blocks", lb.level+1, lb.index, b.lay.levelBlocks[lb.level])
+		}
+	}
+	return &Tree{Params: b.p, Root: b.root, HashArea: b.mem}, nil
+}
+
+// Close abandons the tree, waiting for any hashing still running. It is
+// safe to call after Finish.
+func (b *Builder) Close() error {
+	for _, bt := range b.queue {
+		<-bt.finished
+	}
+	b.queue = nil
+	b.done = true
+	return nil
+}
+
+// Build computes the tree of the first p.DataSize() bytes of data, reading
+// them once, in order. out is as for NewBuilder.
+func Build(ctx context.Context, data io.ReaderAt, p Params, out io.WriterAt) (*Tree, error) {
+	b, err := NewBuilder(p, out)
+	if err != nil {
+		return nil, err
+	}
+	return b.build(ctx, data)
+}
+
+func (b *Builder) build(ctx context.Context, data io.ReaderAt) (*Tree, error) {
+	r := io.NewSectionReader(data, 0, int64(b.total))
+	if _, err := b.readFrom(ctx, r); err != nil {
+		b.Close()
+		return nil, err
+	}
+	if b.taken != b.total {
+		b.Close()
+		return nil, fmt.Errorf("verity: data ends after %d of %d bytes: %w", b.taken, b.total, io.ErrUnexpectedEOF)
+	}
+	return b.Finish()
+}
+
+// sink receives finished hash blocks at offsets relative to the start of
+// the hash area.
+type sink interface {
+	put(off uint64, p []byte) error
+}
+
+type memSink []byte
+
+func (m memSink) put(off uint64, p []byte) error {
+	copy(m[off:], p)
+	return nil
+}
+
+type writerAtSink struct {
+	w    io.WriterAt
+	base uint64
+}
+
+func (s writerAtSink) put(off uint64, p []byte) error {
+	if _, err := s.w.WriteAt(p, int64(s.base+off)); err != nil {
+		return fmt.Errorf("verity: writing hash blocks at %d: %w", s.base+off, err)
+	}
+	return nil
+}
