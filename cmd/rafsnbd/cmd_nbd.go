@@ -1,0 +1,264 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/nbd"
+	"github.com/rafsnbd/rafsnbd/rafs"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "nbd",
+		Usage:     "attach an image to the kernel as /dev/nbdN and serve it until interrupted",
+		ArgsUsage: " ",
+		Description: `Attaches a read-only device to the kernel's NBD driver and serves it from
+this process over local sockets; no network is involved. Once the device is
+ready its path (/dev/nbdN) is printed on stdout, one line, so a script can
+capture it and mount:
+
+  dev=$(rafsnbd nbd --disk image.disk &) ...   # or read the first line
+  mount -t erofs -o ro /dev/nbd0 /mnt
+
+SIGINT or SIGTERM disconnects the device and exits (unmount first: a
+disconnected device fails every read). The nbd module must be loaded
+(modprobe nbd); generic netlink is used, or the old ioctl interface when
+netlink is missing or --ioctl is given.
+
+Restarting without unmounting (netlink only): the device carries a backend
+identifier (by default derived from the image; see --backend-id, shown in
+/sys/block/nbdN/backend and by 'rafsnbd nbd status'). If rafsnbd dies
+without disconnecting (a crash, kill -9, an upgrade), the device stays and
+reads wait up to --dead-conn-timeout for a new server. Starting 'rafsnbd nbd'
+again for the same image finds the device by its identifier and hands it new
+sockets; the mount carries on.
+
+Several --connections give the device that many queues, served in parallel.
+
+Subcommands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
+/dev/nbdN' detaches one, whoever serves it.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes"},
+			&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
+			&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},
+			&cli.IntFlag{Name: "timeout", Value: 0, Usage: "per-request timeout in `SECONDS`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"},
+			&cli.IntFlag{Name: "dead-conn-timeout", Value: 120, Usage: "netlink: `SECONDS` reads wait for a restarted server when every connection is dead, instead of failing"},
+			&cli.BoolFlag{Name: "ioctl", Usage: "use the legacy ioctl interface instead of generic netlink (no restart without unmounting)"},
+			&cli.StringFlag{Name: "backend-id", Usage: "netlink backend identifier `ID` tagging the device; default: derived from the image"},
+			&cli.IntFlag{Name: "block-size", Usage: "logical block size in `BYTES` (512..65536, a power of two); default: the EROFS image's block size, 4096 if none"},
+		},
+		Action: runNBD,
+		Subcommands: []*cli.Command{
+			{
+				Name:      "status",
+				Usage:     "list the kernel's NBD devices with their size, server pid and backend identifier",
+				ArgsUsage: " ",
+				Action:    runNBDStatus,
+			},
+			{
+				Name:      "disconnect",
+				Usage:     "detach /dev/nbdN, whoever serves it (unmount first)",
+				ArgsUsage: "/dev/nbdN",
+				Action:    runNBDDisconnect,
+			},
+		},
+	})
+}
+
+// nbdSource is what `rafsnbd nbd` serves.
+type nbdSource struct {
+	device nbd.Device
+	// blockSize is the filesystem's block size: the device's logical block
+	// size must not exceed it.
+	blockSize int64
+	// backendID identifies the image, so that a restarted server finds the
+	// device it left behind.
+	backendID string
+	// describe names the source in logs.
+	describe string
+	close    func() error
+}
+
+// openNBDSource builds the device to serve from the command's flags. It is
+// the one place that knows where devices come from: a flat disk file today,
+// an image's bootstrap and blobs composed by package blockdev next.
+func openNBDSource(c *cli.Context) (*nbdSource, error) {
+	path := c.String("disk")
+	if path == "" {
+		return nil, errors.New("nothing to serve: give --disk FILE")
+	}
+	return openDiskSource(path)
+}
+
+// diskDevice serves a flat disk file.
+type diskDevice struct {
+	*os.File
+	size int64
+}
+
+func (d diskDevice) Size() int64 { return d.size }
+
+func openDiskSource(path string) (*nbdSource, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(abs)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	blockSize, err := erofsBlockSize(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &nbdSource{
+		device:    diskDevice{File: f, size: st.Size()},
+		blockSize: blockSize,
+		backendID: "rafsnbd:disk:" + abs,
+		describe:  abs,
+		close:     f.Close,
+	}, nil
+}
+
+// erofsBlockSize reads the block size from an EROFS superblock, or returns 0
+// when the file holds none (then the default applies).
+func erofsBlockSize(r io.ReaderAt) (int64, error) {
+	b := make([]byte, rafs.SuperblockSize)
+	if _, err := r.ReadAt(b, rafs.SuperblockOffset); err != nil {
+		if errors.Is(err, io.EOF) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	var sb rafs.Superblock
+	sb.Decode(b)
+	if sb.Magic != rafs.ErofsMagic {
+		return 0, nil
+	}
+	if sb.BlkSzBits < 9 || sb.BlkSzBits > 16 {
+		return 0, fmt.Errorf("EROFS superblock: block size 2^%d is out of range", sb.BlkSzBits)
+	}
+	return int64(sb.BlockSize()), nil
+}
+
+func runNBD(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (subcommands: status, disconnect)", c.Args().First())
+	}
+	log := logger(c)
+	index, err := nbd.ParseDevice(c.String("device"))
+	if err != nil {
+		return fmt.Errorf("--device: %w", err)
+	}
+	src, err := openNBDSource(c)
+	if err != nil {
+		return err
+	}
+	defer src.close()
+
+	blockSize := int64(c.Int("block-size"))
+	if blockSize == 0 {
+		blockSize = src.blockSize
+	}
+	backendID := c.String("backend-id")
+	if backendID == "" {
+		backendID = src.backendID
+	}
+	if c.Int("timeout") < 0 || c.Int("dead-conn-timeout") < 0 {
+		return errors.New("--timeout and --dead-conn-timeout must not be negative")
+	}
+	att, err := nbd.AttachKernel(c.Context, src.device, nbd.KernelOptions{
+		Index:           index,
+		Connections:     c.Int("connections"),
+		BlockSize:       blockSize,
+		Timeout:         time.Duration(c.Int("timeout")) * time.Second,
+		DeadConnTimeout: time.Duration(c.Int("dead-conn-timeout")) * time.Second,
+		BackendID:       backendID,
+		UseIoctl:        c.Bool("ioctl"),
+		Transmission:    nbd.TransmissionOptions{Logger: log},
+		Logger:          log,
+	})
+	if err != nil {
+		return err
+	}
+	log.Info().Str("device", att.Path).Str("method", att.Method).Int("connections", att.Connections).
+		Bool("reattached", att.Reattached).Str("source", src.describe).Str("backend", backendID).
+		Int64("size", src.device.Size()).Msg("serving")
+	fmt.Fprintln(c.App.Writer, att.Path)
+
+	select {
+	case <-c.Context.Done():
+		log.Info().Str("device", att.Path).Msg("disconnecting")
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := att.Detach(ctx); err != nil {
+			return err
+		}
+		log.Info().Str("device", att.Path).Msg("disconnected")
+		return nil
+	case <-att.Done():
+		if err := att.Err(); err != nil {
+			return fmt.Errorf("%s: session ended: %w", att.Path, err)
+		}
+		log.Info().Str("device", att.Path).Msg("the kernel disconnected the device")
+		return nil
+	}
+}
+
+func runNBDStatus(c *cli.Context) error {
+	devices, err := nbd.KernelStatus()
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(c.App.Writer, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(w, "DEVICE\tCONNECTED\tSIZE\tPID\tBACKEND")
+	for _, d := range devices {
+		connected := "no"
+		if d.Connected {
+			connected = "yes"
+		}
+		pid := "-"
+		if d.PID != 0 {
+			pid = fmt.Sprint(d.PID)
+		}
+		backend := d.BackendID
+		if backend == "" {
+			backend = "-"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", d.Path, connected, d.SizeBytes, pid, backend)
+	}
+	return w.Flush()
+}
+
+func runNBDDisconnect(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return errors.New("usage: rafsnbd nbd disconnect /dev/nbdN")
+	}
+	index, err := nbd.ParseDevice(c.Args().First())
+	if err != nil {
+		return err
+	}
+	if index == nbd.AnyDevice {
+		return errors.New("name the device to disconnect: /dev/nbdN")
+	}
+	return nbd.DisconnectKernel(index)
+}
