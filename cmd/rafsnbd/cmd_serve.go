@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/nbd"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "serve",
+		Usage:     "serve disks read-only to NBD network clients (qemu, nbdinfo, nbdcopy, nbdfuse, nbd-client)",
+		ArgsUsage: " ",
+		Description: `Serves one or more flat disk files (EROFS images such as 'rafsnbd export'
+writes) as named, read-only NBD exports until interrupted. Clients speak the
+fixed-newstyle NBD protocol; no kernel NBD driver is needed on this side.
+
+  rafsnbd serve --listen unix:/tmp/nbd.sock --disk image.disk
+  nbdinfo --list 'nbd+unix:///?socket=/tmp/nbd.sock'
+  nbdcopy 'nbd+unix:///image?socket=/tmp/nbd.sock' copy.disk
+  qemu-img info nbd://127.0.0.1:10809/image     # with --listen tcp:127.0.0.1:10809
+
+Each --disk becomes an export named by the matching --name (first --name for
+the first --disk, and so on), or by the file's base name without extension.
+The empty export name (as in 'nbd+unix:///?socket=...') selects the first
+export. Once listening, one URI per export is printed on stdout.
+
+NBD has no authentication or encryption here, so by default only a unix
+socket or a loopback address is accepted; binding any other address needs
+--allow-remote. SIGINT or SIGTERM stops accepting, lets every client's
+in-flight reads finish, and exits 0.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
+			&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
+			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME` of the matching --disk (repeatable)"},
+			&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
+			&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
+		},
+		Action: runServe,
+	})
+}
+
+func runServe(c *cli.Context) error {
+	log := logger(c)
+	exports, closeExports, err := serveExports(c)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := closeExports(); err != nil {
+			log.Warn().Err(err).Msg("closing exports")
+		}
+	}()
+
+	network, address, err := parseListen(c.Context, c.String("listen"), c.Bool("allow-remote"))
+	if err != nil {
+		return err
+	}
+	l, err := listen(network, address)
+	if err != nil {
+		return err
+	}
+	for _, e := range exports {
+		fmt.Fprintln(c.App.Writer, exportURI(l.Addr(), e.Name))
+		log.Info().Str("export", e.Name).Int64("size", e.Device.Size()).Str("uri", exportURI(l.Addr(), e.Name)).Msg("serving")
+	}
+	srv := &nbd.Server{
+		Exports:      exports,
+		Logger:       log,
+		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers")},
+	}
+	if err := srv.Serve(c.Context, l); err != nil {
+		return err
+	}
+	log.Info().Msg("stopped")
+	return nil
+}
+
+// serveExports turns the command's flags into exports, and returns what
+// closes them. It is the one place that knows where exports come from: flat
+// disk files today; images composed from a bootstrap and blobs by package
+// blockdev can be appended here.
+func serveExports(c *cli.Context) (exports []nbd.Export, closeAll func() error, err error) {
+	var closers []func() error
+	closeAll = func() error {
+		var errs []error
+		for _, f := range closers {
+			errs = append(errs, f())
+		}
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if err != nil {
+			_ = closeAll()
+		}
+	}()
+
+	disks, names := c.StringSlice("disk"), c.StringSlice("name")
+	if len(names) > len(disks) {
+		return nil, nil, fmt.Errorf("%d --name flags for %d --disk flags", len(names), len(disks))
+	}
+	for i, path := range disks {
+		name := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
+		if i < len(names) {
+			name = names[i]
+		}
+		exp, closeDisk, err := openDiskExport(path, name)
+		if err != nil {
+			return nil, nil, err
+		}
+		closers = append(closers, closeDisk)
+		exports = append(exports, exp)
+	}
+
+	if len(exports) == 0 {
+		return nil, nil, errors.New("nothing to serve: give --disk FILE")
+	}
+	seen := map[string]string{}
+	for i, e := range exports {
+		if prev, dup := seen[e.Name]; dup {
+			return nil, nil, fmt.Errorf("export name %q used by both %s and %s; give distinct --name flags", e.Name, prev, disks[i])
+		}
+		seen[e.Name] = disks[i]
+	}
+	return exports, closeAll, nil
+}
+
+// openDiskExport opens a flat disk file as an export. The preferred block
+// size advertised to clients is the EROFS block size when the file holds an
+// EROFS superblock.
+func openDiskExport(path, name string) (nbd.Export, func() error, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nbd.Export{}, nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nbd.Export{}, nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nbd.Export{}, nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	blockSize, err := erofsBlockSize(f)
+	if err != nil {
+		f.Close()
+		return nbd.Export{}, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return nbd.Export{
+		Name:        name,
+		Description: filepath.Base(path),
+		Device:      io.NewSectionReader(f, 0, st.Size()),
+		BlockSize:   uint32(blockSize), // 0 (no EROFS superblock) means 4096
+	}, f.Close, nil
+}
+
+// parseListen splits unix:PATH or tcp:HOST:PORT and refuses non-loopback TCP
+// addresses unless allowRemote.
+func parseListen(ctx context.Context, spec string, allowRemote bool) (network, address string, err error) {
+	network, address, ok := strings.Cut(spec, ":")
+	if !ok || address == "" {
+		return "", "", fmt.Errorf("--listen %q: want unix:PATH or tcp:HOST:PORT", spec)
+	}
+	switch network {
+	case "unix":
+		return network, address, nil
+	case "tcp":
+		host, _, err := net.SplitHostPort(address)
+		if err != nil {
+			return "", "", fmt.Errorf("--listen %q: %w", spec, err)
+		}
+		if allowRemote {
+			return network, address, nil
+		}
+		if err := requireLoopback(ctx, host); err != nil {
+			return "", "", fmt.Errorf("--listen %q: %w; NBD has no authentication or encryption here, pass --allow-remote to serve other hosts", spec, err)
+		}
+		return network, address, nil
+	default:
+		return "", "", fmt.Errorf("--listen %q: unknown network %q, want unix or tcp", spec, network)
+	}
+}
+
+func requireLoopback(ctx context.Context, host string) error {
+	if host == "" {
+		return errors.New("an empty host listens on every interface")
+	}
+	var ips []net.IP
+	if ip := net.ParseIP(host); ip != nil {
+		ips = []net.IP{ip}
+	} else {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		addrs, err := net.DefaultResolver.LookupIPAddr(ctx, host)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			ips = append(ips, a.IP)
+		}
+	}
+	for _, ip := range ips {
+		if !ip.IsLoopback() {
+			return fmt.Errorf("%s is not a loopback address", ip)
+		}
+	}
+	return nil
+}
+
+// listen binds the address. A unix socket file left behind by a server that
+// is gone is replaced; one a live server answers on is not.
+func listen(network, address string) (net.Listener, error) {
+	if network == "unix" {
+		if st, err := os.Lstat(address); err == nil {
+			if st.Mode()&os.ModeSocket == 0 {
+				return nil, fmt.Errorf("listen %s: exists and is not a socket", address)
+			}
+			if conn, err := net.DialTimeout("unix", address, time.Second); err == nil {
+				conn.Close()
+				return nil, fmt.Errorf("listen %s: another server is listening there", address)
+			}
+			if err := os.Remove(address); err != nil {
+				return nil, fmt.Errorf("listen %s: removing stale socket: %w", address, err)
+			}
+		}
+	}
+	l, err := net.Listen(network, address)
+	if err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// exportURI is the NBD URI (as libnbd and qemu read it) of one export.
+func exportURI(addr net.Addr, name string) string {
+	if addr.Network() == "unix" {
+		// Socket paths are left readable; libnbd and qemu take them as is.
+		return "nbd+unix:///" + url.PathEscape(name) + "?socket=" + addr.String()
+	}
+	return (&url.URL{Scheme: "nbd", Host: addr.String(), Path: "/" + name}).String()
+}
