@@ -1,0 +1,276 @@
+package main
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync/atomic"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/verity"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:  "verity",
+		Usage: "build or check a dm-verity hash tree for a disk file (veritysetup format 1, no superblock)",
+		Description: `Computes the same hash trees as 'veritysetup format --no-superblock --format=1',
+on all cores and reading the data once; or nydus' variant of them (--compat nydus).
+
+The tree goes after the data in DATA itself, at the next hash-block boundary
+(the gap, if any, reads as zeros), or into HASHFILE when one is given. The
+root hash and the options line nydus prints are written to stdout:
+
+  rafsnbd verity format image.disk
+  rafsnbd verity verify --data-blocks 521 image.disk 0e577911...3da5
+
+  rafsnbd verity format --data-block-size 512 layer.tar layer.hash
+  veritysetup verify --no-superblock --format=1 --data-block-size=512 --salt=- layer.tar layer.hash <root>
+
+The kernel accepts both fillings of unused digest slots; 'veritysetup verify'
+only accepts the standard one (zeros).`,
+		Subcommands: []*cli.Command{
+			{
+				Name:      "format",
+				Usage:     "compute the tree of DATA and write it after the data or to HASHFILE",
+				ArgsUsage: "DATA [HASHFILE]",
+				Description: `DATA is a file or block device; all of it is covered unless --data-blocks
+says otherwise, so its size must be a multiple of --data-block-size. Do not
+run this twice on a DATA that already holds an appended tree without
+--data-blocks: the old tree would count as data.
+
+HASHFILE is created if missing and is not truncated; the tree is written at
+--hash-offset (default 0 in HASHFILE, the end of the data in DATA).`,
+				Flags:  verityFlags(),
+				Action: runVerityFormat,
+			},
+			{
+				Name:      "verify",
+				Usage:     "check DATA and its tree (after the data, or in HASHFILE) against ROOT",
+				ArgsUsage: "DATA [HASHFILE] ROOT",
+				Description: `Exits non-zero and names the first bad block (as veritysetup verify does:
+data blocks first, then each level of the tree, then the root) when the
+data or the tree do not match ROOT.
+
+With the tree appended to DATA, --data-blocks is required: the file's size
+alone does not say where the data ends. The other options must be those
+given to format.`,
+				Flags:  verityFlags(),
+				Action: runVerityVerify,
+			},
+		},
+	})
+}
+
+func verityFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.IntFlag{Name: "data-block-size", Value: 4096, Usage: "data block `BYTES`: a power of two, 512 (tarfs images) to 65536"},
+		&cli.IntFlag{Name: "hash-block-size", Value: 4096, Usage: "hash block `BYTES`: a power of two, 512 to 65536"},
+		&cli.Uint64Flag{Name: "data-blocks", Usage: "number of data blocks `N` to cover", DefaultText: "all of DATA"},
+		&cli.Uint64Flag{Name: "hash-offset", Usage: "byte `OFFSET` of the tree in the hash file, a multiple of the hash block size", DefaultText: "0 in HASHFILE; in DATA, the data size rounded up to a hash block"},
+		&cli.StringFlag{Name: "salt", Aliases: []string{"s"}, Value: "-", Usage: "salt as `HEX`, or - for none (veritysetup's default is a random salt; pass it here)"},
+		&cli.StringFlag{Name: "hash", Value: "sha256", Usage: "hash `ALGORITHM`: sha256, sha1 or sha512"},
+		&cli.StringFlag{Name: "compat", Value: "standard", Usage: "`MODE` for unused digest slots: standard (zeros, like veritysetup) or nydus (sha256 of a zero page, like nydus-image export --verity; sha256 only, no salt)"},
+	}
+}
+
+// verityParams builds the tree parameters from the flags for data of
+// dataBytes bytes, with the tree appended to the data or in its own file.
+func verityParams(c *cli.Context, dataBytes int64, appended bool) (verity.Params, error) {
+	p := verity.Params{
+		Algorithm:     c.String("hash"),
+		DataBlockSize: c.Int("data-block-size"),
+		HashBlockSize: c.Int("hash-block-size"),
+	}
+	var err error
+	if p.Compat, err = verity.ParseCompat(c.String("compat")); err != nil {
+		return p, err
+	}
+	if s := c.String("salt"); s != "-" && s != "" {
+		if p.Salt, err = hex.DecodeString(s); err != nil {
+			return p, fmt.Errorf("--salt %q: not hex: %w", s, err)
+		}
+	}
+	if p.DataBlockSize <= 0 {
+		return p, fmt.Errorf("--data-block-size %d: must be positive", p.DataBlockSize)
+	}
+	if c.IsSet("data-blocks") {
+		p.DataBlocks = c.Uint64("data-blocks")
+		if p.DataSize() > uint64(dataBytes) || p.DataBlocks > uint64(dataBytes) {
+			return p, fmt.Errorf("--data-blocks %d: %d-byte blocks need %d bytes, the data has %d", p.DataBlocks, p.DataBlockSize, p.DataSize(), dataBytes)
+		}
+	} else {
+		if dataBytes%int64(p.DataBlockSize) != 0 {
+			return p, fmt.Errorf("the data is %d bytes, not a whole number of %d-byte blocks: pad it or pass --data-blocks", dataBytes, p.DataBlockSize)
+		}
+		p.DataBlocks = uint64(dataBytes) / uint64(p.DataBlockSize)
+	}
+	switch {
+	case c.IsSet("hash-offset"):
+		p.HashOffset = c.Uint64("hash-offset")
+		if appended && p.HashOffset < p.DataSize() {
+			return p, fmt.Errorf("--hash-offset %d would put the tree inside the %d bytes of data", p.HashOffset, p.DataSize())
+		}
+	case appended:
+		p.HashOffset = verity.AppendedHashOffset(p.DataSize(), p.HashBlockSize)
+	}
+	return p, p.Validate()
+}
+
+// deviceSize works for block devices too, whose Stat size is 0.
+func deviceSize(f *os.File) (int64, error) {
+	n, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return 0, fmt.Errorf("%s: size: %w", f.Name(), err)
+	}
+	return n, nil
+}
+
+func runVerityFormat(c *cli.Context) error {
+	args := c.Args().Slice()
+	if len(args) < 1 || len(args) > 2 {
+		return fmt.Errorf("verity format: want DATA [HASHFILE], got %d arguments", len(args))
+	}
+	appended := len(args) == 1
+	flag := os.O_RDONLY
+	if appended {
+		flag = os.O_RDWR
+	}
+	data, err := os.OpenFile(args[0], flag, 0)
+	if err != nil {
+		return err
+	}
+	defer data.Close()
+	size, err := deviceSize(data)
+	if err != nil {
+		return err
+	}
+	p, err := verityParams(c, size, appended)
+	if err != nil {
+		return err
+	}
+	out := data
+	if !appended {
+		if out, err = os.OpenFile(args[1], os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+			return err
+		}
+		defer out.Close()
+	}
+	log := logger(c)
+	log.Debug().Str("data", args[0]).Uint64("blocks", p.DataBlocks).Int("block_size", p.DataBlockSize).
+		Uint64("hash_offset", p.HashOffset).Uint64("tree_bytes", p.TreeSize()).Msg("building dm-verity tree")
+
+	update, finish := newProgress(int64(p.DataSize()), "hashing")
+	tree, err := verity.Build(c.Context, &progressReaderAt{r: data, update: update}, p, out)
+	finish()
+	if err != nil {
+		return fmt.Errorf("verity format %s: %w", args[0], err)
+	}
+	if err := out.Sync(); err != nil {
+		return fmt.Errorf("verity format: %w", err)
+	}
+	if err := out.Close(); err != nil {
+		return fmt.Errorf("verity format: %w", err)
+	}
+	printTree(c.App.Writer, tree)
+	log.Info().Msgf("check with: rafsnbd verity verify %s %s %s", verityFlagArgs(p, appended), strings.Join(args, " "), tree.RootHex())
+	if p.Compat == verity.Standard {
+		log.Info().Msgf("or: veritysetup verify %s %s %s %s", strings.Join(p.VeritysetupArgs(), " "), args[0], args[len(args)-1], tree.RootHex())
+	}
+	return nil
+}
+
+// verityFlagArgs renders the flags that give p again, for a hint.
+func verityFlagArgs(p verity.Params, appended bool) string {
+	salt := "-"
+	if len(p.Salt) > 0 {
+		salt = hex.EncodeToString(p.Salt)
+	}
+	args := fmt.Sprintf("--hash %s --salt %s --data-block-size %d --hash-block-size %d --data-blocks %d",
+		p.Algorithm, salt, p.DataBlockSize, p.HashBlockSize, p.DataBlocks)
+	if appended || p.HashOffset != 0 {
+		args += fmt.Sprintf(" --hash-offset %d", p.HashOffset)
+	}
+	if p.Compat != verity.Standard {
+		args += " --compat " + p.Compat.String()
+	}
+	return args
+}
+
+func printTree(w io.Writer, t *verity.Tree) {
+	p := t.Params
+	salt := "-"
+	if len(p.Salt) > 0 {
+		salt = hex.EncodeToString(p.Salt)
+	}
+	fmt.Fprintf(w, "Root hash:       %s\n", t.RootHex())
+	fmt.Fprintf(w, "Hash algorithm:  %s\n", p.Algorithm)
+	fmt.Fprintf(w, "Salt:            %s\n", salt)
+	fmt.Fprintf(w, "Data blocks:     %d\n", p.DataBlocks)
+	fmt.Fprintf(w, "Data block size: %d\n", p.DataBlockSize)
+	fmt.Fprintf(w, "Hash blocks:     %d\n", p.HashBlocks())
+	fmt.Fprintf(w, "Hash block size: %d\n", p.HashBlockSize)
+	fmt.Fprintf(w, "Hash offset:     %d\n", p.HashOffset)
+	fmt.Fprintf(w, "Spare slots:     %s\n", p.Compat)
+	fmt.Fprintln(w, t.Options())
+}
+
+func runVerityVerify(c *cli.Context) error {
+	args := c.Args().Slice()
+	if len(args) < 2 || len(args) > 3 {
+		return fmt.Errorf("verity verify: want DATA [HASHFILE] ROOT, got %d arguments", len(args))
+	}
+	appended := len(args) == 2
+	root, err := hex.DecodeString(args[len(args)-1])
+	if err != nil {
+		return fmt.Errorf("verity verify: root hash %q is not hex", args[len(args)-1])
+	}
+	if appended && !c.IsSet("data-blocks") {
+		return errors.New("verity verify: with the tree appended to DATA, pass --data-blocks (format printed it)")
+	}
+	data, err := os.Open(args[0])
+	if err != nil {
+		return err
+	}
+	defer data.Close()
+	size, err := deviceSize(data)
+	if err != nil {
+		return err
+	}
+	p, err := verityParams(c, size, appended)
+	if err != nil {
+		return err
+	}
+	hashFile := data
+	if !appended {
+		if hashFile, err = os.Open(args[1]); err != nil {
+			return err
+		}
+		defer hashFile.Close()
+	}
+	update, finish := newProgress(int64(p.DataSize()), "verifying")
+	err = verity.Verify(c.Context, &progressReaderAt{r: data, update: update}, hashFile, p, root)
+	finish()
+	if err != nil {
+		return fmt.Errorf("verity verify %s: %w", args[0], err)
+	}
+	fmt.Fprintf(c.App.Writer, "Verified %d data blocks and %d hash blocks against root hash %x.\n", p.DataBlocks, p.HashBlocks(), root)
+	return nil
+}
+
+// progressReaderAt reports how far sequential reads have got.
+type progressReaderAt struct {
+	r      io.ReaderAt
+	update func(int64)
+	done   atomic.Int64
+}
+
+func (p *progressReaderAt) ReadAt(b []byte, off int64) (int, error) {
+	n, err := p.r.ReadAt(b, off)
+	p.update(p.done.Add(int64(n)))
+	return n, err
+}
