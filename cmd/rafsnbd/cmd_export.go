@@ -113,4 +113,3 @@ func rate(bytes int64, d time.Duration) string {
 	}
 	return strconv.FormatFloat(float64(bytes)/d.Seconds()/1e6, 'f', 1, 64) + " MB/s"
 }
-
