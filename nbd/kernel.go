@@ -227,15 +227,37 @@ func (d sysfsDevice) sizeBytes() (int64, error) {
 	return sectors * 512, nil
 }
 
-// pid is the pid that started the session; the file exists only while one
-// runs. 0 when absent.
+// pid is the process that started the session; the file exists only while
+// one runs. 0 when absent.
 func (d sysfsDevice) pid() int {
 	b, err := os.ReadFile(d.path("pid"))
 	if err != nil {
 		return 0
 	}
 	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return n
+	return threadGroup(n)
+}
+
+// threadGroup maps a thread id to its process id. The driver records the
+// id of the thread that started the session (for us a Go runtime thread),
+// which users know only by its process. An id whose thread is gone is
+// returned as it is.
+func threadGroup(tid int) int {
+	if tid <= 0 {
+		return tid
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/status")
+	if err != nil {
+		return tid
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			if n, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && n > 0 {
+				return n
+			}
+		}
+	}
+	return tid
 }
 
 // backend is the netlink backend identifier; the file exists only while a

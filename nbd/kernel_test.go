@@ -107,11 +107,13 @@ func fakeSysBlock(t *testing.T, devices map[int]map[string]string) string {
 func itoa(n int) string { return DevicePath(n)[len("/dev/nbd"):] }
 
 func TestSysfsLookups(t *testing.T) {
+	// Pids above the kernel's pid_max (2^22) name no thread, so threadGroup
+	// leaves them as they are.
 	root := fakeSysBlock(t, map[int]map[string]string{
-		0:  {"size": "4584\n", "pid": "321\n", "backend": "rafsnbd:disk:/a\n"},
+		0:  {"size": "4584\n", "pid": "99999321\n", "backend": "rafsnbd:disk:/a\n"},
 		1:  {"size": "0\n"},
 		10: {"size": "8\n", "backend": "other\n"},
-		2:  {"size": "4584\n", "pid": "400\n"},
+		2:  {"size": "4584\n", "pid": "99999400\n"},
 	})
 	indexes, err := sysfsIndexes(root)
 	if err != nil {
@@ -124,7 +126,7 @@ func TestSysfsLookups(t *testing.T) {
 	if size, err := d0.sizeBytes(); err != nil || size != 4584*512 {
 		t.Errorf("size = %d, %v; want %d (sectors × 512)", size, err, 4584*512)
 	}
-	if d0.pid() != 321 || (sysfsDevice{root, 1}).pid() != 0 {
+	if d0.pid() != 99999321 || (sysfsDevice{root, 1}).pid() != 0 {
 		t.Error("pid lookups wrong")
 	}
 	if id, ok := d0.backend(); !ok || id != "rafsnbd:disk:/a" {
