@@ -263,14 +263,18 @@ func (a *KernelAttachment) Detach(ctx context.Context) error {
 	a.serveCancel()
 	<-a.done
 	if a.ioctl != nil {
-		// DO_IT returns once every socket is gone.
+		// DO_IT returns once every socket is gone. Its own error says little
+		// (see doc §1.2 step 8), so only a DO_IT that never returns counts.
 		wctx, cancel := context.WithTimeout(context.Background(), defaultDrainTimeout)
 		werr := a.ioctl.wait(wctx)
 		cancel()
-		if werr != nil && err == nil && !errors.Is(werr, context.DeadlineExceeded) {
-			a.log.Debug().Err(werr).Msg("nbd: NBD_DO_IT ended with an error")
-		} else if errors.Is(werr, context.DeadlineExceeded) && err == nil {
-			err = fmt.Errorf("nbd: %s: NBD_DO_IT did not return after the disconnect", a.Path)
+		switch {
+		case errors.Is(werr, context.DeadlineExceeded):
+			if err == nil {
+				err = fmt.Errorf("nbd: %s: NBD_DO_IT did not return after the disconnect", a.Path)
+			}
+		case werr != nil:
+			a.log.Debug().Err(werr).Str("device", a.Path).Msg("nbd: NBD_DO_IT returned an error")
 		}
 	}
 	return err
@@ -357,6 +361,9 @@ func reattachNetlink(nl *nlClient, dev Device, o *KernelOptions, index int) (*Ke
 	if err != nil {
 		return nil, err
 	}
+	// If another server is still alive this also sets the device's timeouts
+	// to ours before its sockets turn out to be taken; they are the values
+	// a restarted server would set anyway.
 	err = nl.reconfigure(nlReconfigureRequest{
 		Index:           index,
 		TimeoutSeconds:  uint64(o.Timeout / time.Second),

@@ -24,10 +24,11 @@ func init() {
 		Description: `Attaches a read-only device to the kernel's NBD driver and serves it from
 this process over local sockets; no network is involved. Once the device is
 ready its path (/dev/nbdN) is printed on stdout, one line, so a script can
-capture it and mount:
+wait for it and mount:
 
-  dev=$(rafsnbd nbd --disk image.disk &) ...   # or read the first line
-  mount -t erofs -o ro /dev/nbd0 /mnt
+  rafsnbd nbd --disk image.disk >dev.txt &
+  until [ -s dev.txt ]; do sleep 0.1; done     # (check that rafsnbd still runs)
+  mount -t erofs -o ro "$(cat dev.txt)" /mnt
 
 SIGINT or SIGTERM disconnects the device and exits (unmount first: a
 disconnected device fails every read). The nbd module must be loaded
@@ -40,7 +41,8 @@ identifier (by default derived from the image; see --backend-id, shown in
 without disconnecting (a crash, kill -9, an upgrade), the device stays and
 reads wait up to --dead-conn-timeout for a new server. Starting 'rafsnbd nbd'
 again for the same image finds the device by its identifier and hands it new
-sockets; the mount carries on.
+sockets; the mount carries on. Reads that were in flight when the old server
+died are sent again after --timeout, or within 30 s when it is 0.
 
 Several --connections give the device that many queues, served in parallel.
 
