@@ -1,0 +1,139 @@
+package build
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// placedTar is a tar put into the blob directory under a temporary name,
+// waiting for the index to succeed before it takes its final name.
+type placedTar struct {
+	tmp   string
+	dir   string
+	id    string
+	owned bool // a file of our own (copy or reflink), not a hard link to the caller's
+	how   string
+}
+
+func (p *placedTar) commit() (string, error) { return commitBlob(p.tmp, p.dir, p.id, p.owned) }
+
+// placeTar puts the tar's bytes into the blob directory by the cheapest
+// safe means: a reflink, else a hard link, else a streaming copy. It
+// hashes the tar unless the caller named the blob.
+func placeTar(ctx context.Context, r io.ReaderAt, size int64, opts *Options) (*placedTar, error) {
+	if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
+		return nil, fmt.Errorf("build: %w", err)
+	}
+	p := &placedTar{dir: opts.BlobDir, id: opts.BlobID}
+	if f, ok := r.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode().IsRegular() && st.Size() == size {
+			p.tmp, p.how, p.owned = cloneOrLink(f, opts.BlobDir)
+		}
+	}
+	if p.tmp != "" {
+		if p.id == "" {
+			sum, err := hashReaderAt(ctx, r, size)
+			if err != nil {
+				os.Remove(p.tmp)
+				return nil, err
+			}
+			p.id = sum
+		}
+		return p, nil
+	}
+
+	dst, err := os.CreateTemp(opts.BlobDir, ".tar-*")
+	if err != nil {
+		return nil, fmt.Errorf("build: %w", err)
+	}
+	p.tmp, p.how, p.owned = dst.Name(), "copy", true
+	var h hash.Hash
+	var w io.Writer = dst
+	if p.id == "" {
+		h = sha256.New()
+		w = io.MultiWriter(dst, h)
+	}
+	_, err = io.CopyBuffer(w, &ctxReader{ctx: ctx, r: io.NewSectionReader(r, 0, size)}, make([]byte, 1<<20))
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(p.tmp)
+		return nil, fmt.Errorf("build: copying the tar to %s: %w", opts.BlobDir, err)
+	}
+	if h != nil {
+		p.id = hex.EncodeToString(h.Sum(nil))
+	}
+	return p, nil
+}
+
+// cloneOrLink gives f a temporary name in dir without copying: a reflink
+// (FICLONE) where the filesystem shares extents, else a hard link. It
+// returns "" when neither works.
+func cloneOrLink(f *os.File, dir string) (tmp, how string, owned bool) {
+	dst, err := os.CreateTemp(dir, ".tar-*")
+	if err != nil {
+		return "", "", false
+	}
+	name := dst.Name()
+	err = unix.IoctlFileClone(int(dst.Fd()), int(f.Fd()))
+	dst.Close()
+	if err == nil {
+		return name, "reflink", true
+	}
+	os.Remove(name)
+	// linkat through /proc links the open file itself, whatever its path.
+	proc := "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))
+	if err := unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, name, unix.AT_SYMLINK_FOLLOW); err == nil {
+		return name, "hardlink", false
+	}
+	return "", "", false
+}
+
+func hashReaderAt(ctx context.Context, r io.ReaderAt, size int64) (string, error) {
+	h := sha256.New()
+	if _, err := io.CopyBuffer(h, &ctxReader{ctx: ctx, r: io.NewSectionReader(r, 0, size)}, make([]byte, 1<<20)); err != nil {
+		return "", fmt.Errorf("build: hashing the tar: %w", err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// ctxReader stops a long copy when its context ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// commitBlob renames a finished temporary file to dir/id; files of our own
+// become world-readable like any blob.
+func commitBlob(tmp, dir, id string, owned bool) (string, error) {
+	path := filepath.Join(dir, id)
+	if owned {
+		if err := os.Chmod(tmp, 0o644); err != nil {
+			return "", fmt.Errorf("build: %w", err)
+		}
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return "", fmt.Errorf("build: %w", err)
+	}
+	// rename(2) does nothing when both names are links to one file.
+	os.Remove(tmp)
+	return path, nil
+}
