@@ -1,6 +1,7 @@
 package verity
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -35,20 +36,30 @@ const batchTarget = 2 << 20
 // for concurrent use; the hashing runs on its own goroutines, which Finish
 // and Close wait for.
 type Builder struct {
-	p     Params
-	lay   layout
-	out   sink
-	mem   []byte // the hash area when the caller gave no output
-	fill  []byte // one hash block of unused-slot filler (zeros or nydus digests)
-	alg   algorithm
-	total uint64 // data bytes expected
-	taken uint64 // data bytes accepted so far
+	p    Params
+	lay  layout
+	out  sink
+	mem  []byte // the hash area when the caller gave no output
+	fill []byte // one hash block of unused-slot filler (zeros or nydus digests)
+	// zeroBlock and zeroDigest let all-zero data blocks (holes in a disk
+	// image) skip hashing: their digest is always the same.
+	zeroBlock  []byte
+	zeroDigest []byte
+	alg        algorithm
+	total      uint64 // data bytes expected
+	taken      uint64 // data bytes accepted so far
 
-	batchBlocks int      // data blocks per full batch, a multiple of lay.perBlock
-	free        []*batch // idle batches
-	queue       []*batch // dispatched, oldest first, not yet drained
-	cur         *batch   // batch being filled
-	nextBatch   uint64   // index of the next batch to dispatch
+	batchBlocks int // data blocks per full batch
+	// partial is set when one level-1 block covers more than a batch
+	// (large blocks): batches then yield runs of digests that level1
+	// collects. Otherwise batchBlocks is a multiple of lay.perBlock and
+	// batches yield whole level-1 blocks.
+	partial   bool
+	level1    *levelBuffer
+	free      []*batch // idle batches
+	queue     []*batch // dispatched, oldest first, not yet drained
+	cur       *batch   // batch being filled
+	nextBatch uint64   // index of the next batch to dispatch
 
 	upper    []*levelBuffer // partial hash blocks of levels 2..n (index 0 = level 2)
 	upHasher blockHasher    // hashes the blocks of levels 2..n
@@ -127,13 +138,26 @@ func newBuilder(p Params, out sink) (*Builder, error) {
 		b.out = memSink(b.mem)
 	}
 	b.fill = make([]byte, p.HashBlockSize)
+	b.zeroBlock = make([]byte, p.DataBlockSize)
+	b.zeroDigest = make([]byte, alg.size)
+	zh := b.newHasher()
+	zh.sum(b.zeroDigest, b.zeroBlock)
 	if p.Compat == NydusCompat {
 		for i := 0; i < len(b.fill); i += len(nydusFillDigest) {
 			copy(b.fill[i:], nydusFillDigest[:])
 		}
 	}
 	coverage := b.lay.perBlock * p.DataBlockSize // data bytes one level-1 block covers
-	b.batchBlocks = max(1, batchTarget/coverage) * b.lay.perBlock
+	if coverage <= batchTarget {
+		b.batchBlocks = batchTarget / coverage * b.lay.perBlock
+	} else {
+		// Both are powers of two, so batches tile level-1 blocks exactly.
+		b.batchBlocks = max(1, batchTarget/p.DataBlockSize)
+		b.partial = true
+		if b.lay.levels > 0 {
+			b.level1 = &levelBuffer{level: 0, block: bytes.Clone(b.fill)}
+		}
+	}
 	if uint64(b.batchBlocks) > p.DataBlocks {
 		b.batchBlocks = int(p.DataBlocks) // small data: one right-sized batch
 	}
@@ -154,9 +178,13 @@ const maxInt = int(^uint(0) >> 1)
 
 func (b *Builder) newBatch() *batch {
 	l1Blocks := ceilDiv(uint64(b.batchBlocks), uint64(b.lay.perBlock))
+	l1Bytes := l1Blocks * uint64(b.p.HashBlockSize)
+	if b.partial {
+		l1Bytes = uint64(b.batchBlocks * b.lay.slot)
+	}
 	bt := &batch{
 		data: make([]byte, b.batchBlocks*b.p.DataBlockSize),
-		l1:   make([]byte, l1Blocks*uint64(b.p.HashBlockSize)),
+		l1:   make([]byte, l1Bytes),
 		up:   make([]byte, l1Blocks*uint64(b.alg.size)),
 		h:    b.newHasher(),
 	}
@@ -320,20 +348,39 @@ func (b *Builder) dispatch() error {
 // It runs on its own goroutine and touches only the batch and read-only
 // builder fields.
 func (b *Builder) hashBatch(bt *batch) {
-	dbs, hbs, slot, ds := b.p.DataBlockSize, b.p.HashBlockSize, b.lay.slot, b.alg.size
-	blocks := bt.n / dbs
+	hbs, ds := b.p.HashBlockSize, b.alg.size
+	blocks := bt.n / b.p.DataBlockSize
+	if b.partial {
+		b.hashRun(bt, bt.l1, 0, blocks)
+		return
+	}
 	bt.l1Blocks = (blocks + b.lay.perBlock - 1) / b.lay.perBlock
 	for j := 0; j < bt.l1Blocks; j++ {
 		hb := bt.l1[j*hbs : (j+1)*hbs]
 		first := j * b.lay.perBlock
 		last := min(first+b.lay.perBlock, blocks)
-		for i := first; i < last; i++ {
-			s := hb[(i-first)*slot : (i-first+1)*slot]
-			bt.h.sum(s[:ds], bt.data[i*dbs:(i+1)*dbs])
-			clear(s[ds:])
-		}
-		copy(hb[(last-first)*slot:], b.fill[(last-first)*slot:])
+		b.hashRun(bt, hb, first, last)
+		used := (last - first) * b.lay.slot
+		copy(hb[used:], b.fill[used:])
 		bt.h.sum(bt.up[j*ds:(j+1)*ds], hb)
+	}
+}
+
+// hashRun writes the digests of the batch's data blocks [first, last) into
+// consecutive digest slots of dst.
+func (b *Builder) hashRun(bt *batch, dst []byte, first, last int) {
+	dbs, slot, ds := b.p.DataBlockSize, b.lay.slot, b.alg.size
+	for i := first; i < last; i++ {
+		s := dst[(i-first)*slot : (i-first+1)*slot]
+		block := bt.data[i*dbs : (i+1)*dbs]
+		// Most blocks fail the first test, so the check costs nothing on
+		// real data and saves hashing the holes of a disk image.
+		if block[0] == 0 && bytes.Equal(block, b.zeroBlock) {
+			copy(s, b.zeroDigest)
+		} else {
+			bt.h.sum(s[:ds], block)
+		}
+		clear(s[ds:])
 	}
 }
 
@@ -348,22 +395,37 @@ func (b *Builder) drainOldest() error {
 	if b.err != nil {
 		return b.err
 	}
+	if err := b.store(bt); err != nil {
+		b.err = err
+		return err
+	}
+	return nil
+}
+
+func (b *Builder) store(bt *batch) error {
+	ds := b.alg.size
 	if b.lay.levels == 0 {
-		// A single data block has no tree: its digest, the first slot of
-		// the one level-1 block computed, is the root.
-		return b.push(0, bt.l1[:b.alg.size])
+		// A single data block has no tree: its digest, in the first slot
+		// of what the batch computed, is the root.
+		return b.push(0, bt.l1[:ds])
+	}
+	if b.partial {
+		lb := b.level1
+		n := copy(lb.block[lb.used*b.lay.slot:], bt.l1[:bt.n/b.p.DataBlockSize*b.lay.slot])
+		lb.used += n / b.lay.slot
+		if lb.used == b.lay.perBlock {
+			return b.emit(lb)
+		}
+		return nil
 	}
 	hbs := uint64(b.p.HashBlockSize)
 	firstL1 := bt.index * uint64(b.batchBlocks/b.lay.perBlock)
 	off := (b.lay.levelStart[0] + firstL1) * hbs
 	if err := b.out.put(off, bt.l1[:bt.l1Blocks*b.p.HashBlockSize]); err != nil {
-		b.err = err
 		return err
 	}
-	ds := b.alg.size
 	for j := 0; j < bt.l1Blocks; j++ {
 		if err := b.push(1, bt.up[j*ds:(j+1)*ds]); err != nil {
-			b.err = err
 			return err
 		}
 	}
@@ -433,11 +495,16 @@ func (b *Builder) Finish() (*Tree, error) {
 			return nil, err
 		}
 	}
-	// Complete each partial upper block, bottom up: emitting one may fill
-	// the level above.
-	for _, lb := range b.upper {
+	// Complete each partial block, bottom up: emitting one may fill the
+	// level above.
+	levels := b.upper
+	if b.level1 != nil {
+		levels = append([]*levelBuffer{b.level1}, levels...)
+	}
+	for _, lb := range levels {
 		if lb.used > 0 {
 			if err := b.emit(lb); err != nil {
+				b.err = err
 				return nil, err
 			}
 		}
@@ -445,7 +512,7 @@ func (b *Builder) Finish() (*Tree, error) {
 	if b.root == nil {
 		return nil, errors.New("verity: internal error: no root digest")
 	}
-	for _, lb := range b.upper {
+	for _, lb := range levels {
 		if lb.index != b.lay.levelBlocks[lb.level] {
 			return nil, fmt.Errorf("verity: internal error: level %d has %d of %d blocks", lb.level+1, lb.index, b.lay.levelBlocks[lb.level])
 		}

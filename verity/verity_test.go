@@ -26,6 +26,7 @@ func TestStreamingEqualsBuild(t *testing.T) {
 		{512, 128*128 + 1, nil, NydusCompat},
 		{4096, 2*batchTarget/4096 + 129, nil, Standard}, // several batches, partial last one
 		{512, 9*batchTarget/512 + 1, []byte("salt"), Standard},
+		{65536, 200, nil, Standard}, // batches smaller than what a level-1 block covers
 	} {
 		t.Run(fmt.Sprintf("dbs=%d/blocks=%d/salt=%d/%v", c.dbs, c.blocks, len(c.salt), c.compat), func(t *testing.T) {
 			p := Params{Algorithm: "sha256", DataBlockSize: c.dbs, HashBlockSize: 4096, DataBlocks: c.blocks, Salt: c.salt, Compat: c.compat}
