@@ -1,0 +1,217 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/rafs"
+	"github.com/rafsnbd/rafsnbd/rafs/build"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "create",
+		Usage:     "build a RAFS v6 image (bootstrap + blobs) from a directory or a tar",
+		ArgsUsage: "SOURCE",
+		Description: `Builds a RAFS v6 image from SOURCE: a directory, a tar file, or - (a tar on
+standard input).
+
+  rafsnbd create -B image.boot -D blobs/ rootfs/
+  rafsnbd create -B layer.boot -D blobs/ layer.tar        (tarfs)
+  docker export c | rafsnbd create -B layer.boot -D blobs/ -
+
+Directory mode (--type dir) cuts every file into chunks, compresses each chunk
+(--compressor; a chunk that does not shrink is stored raw), stores identical
+chunks once, and writes one blob to BLOBDIR named by the sha256 of its bytes.
+
+Tarfs mode (--type tarfs, the default for a tar) reads only the tar's headers:
+the tar itself becomes the blob (reflinked, hard-linked or copied into BLOBDIR
+as <sha256 of the tar>, or as --blob-id), and the bootstrap points at file
+data inside it with 512-byte blocks. Entries apply as OCI layer extraction
+does: names are cleaned, names escaping the root are an error, later entries
+replace earlier ones, missing parents appear as 0755 directories. A tar on
+standard input is spooled into BLOBDIR first.
+
+Builds are reproducible: the same SOURCE gives the same bytes. Prints the
+bootstrap and every blob with its size. Then, for example:
+
+  rafsnbd export -B image.boot -D blobs/ -o image.disk
+  mount -t erofs -o loop,ro image.disk /mnt`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Required: true, Usage: "bootstrap `FILE` to write"},
+			&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Required: true, Usage: "`DIR` to write blobs into (created if missing)"},
+			&cli.StringFlag{Name: "type", Usage: "`TYPE` of image: dir or tarfs (default: dir for a directory, tarfs for a tar)"},
+			&cli.StringFlag{Name: "compressor", Value: "zstd", Usage: "chunk `ALGORITHM` in dir mode: zstd, lz4_block, gzip or none"},
+			&cli.StringFlag{Name: "digester", Value: "blake3", Usage: "chunk digest `ALGORITHM` in dir mode: blake3 or sha256"},
+			&cli.StringFlag{Name: "chunk-size", Value: "1M", Usage: "chunk `SIZE`: a power of two from 4K to 16M (bytes, or with K/M suffix, or 0x hex)"},
+			&cli.StringFlag{Name: "blob-id", Usage: "tarfs: name the tar blob `ID` (e.g. its layer digest, sha256:...) instead of hashing it"},
+			&cli.IntFlag{Name: "workers", Usage: "`N` goroutines compressing chunks (default: number of CPUs)"},
+		},
+		Action: runCreate,
+	})
+}
+
+func runCreate(c *cli.Context) error {
+	log := logger(c)
+	if c.NArg() != 1 {
+		return errors.New("give exactly one SOURCE: a directory, a tar file, or - for a tar on stdin")
+	}
+	src := c.Args().First()
+	opts := build.DefaultOptions(c.String("blob-dir"))
+	var err error
+	if opts.Compressor, err = rafs.ParseCompressor(c.String("compressor")); err != nil {
+		return err
+	}
+	if opts.Digester, err = rafs.ParseDigester(c.String("digester")); err != nil {
+		return err
+	}
+	if opts.ChunkSize, err = parseChunkSize(c.String("chunk-size")); err != nil {
+		return err
+	}
+	opts.BlobID = c.String("blob-id")
+	opts.Workers = c.Int("workers")
+
+	isDir := false
+	if src != "-" {
+		st, err := os.Stat(src)
+		if err != nil {
+			return err
+		}
+		isDir = st.IsDir()
+	}
+	typ := build.TypeTarfs
+	if isDir {
+		typ = build.TypeDir
+	}
+	if c.IsSet("type") {
+		if typ, err = build.ParseType(c.String("type")); err != nil {
+			return err
+		}
+	}
+	switch {
+	case typ == build.TypeDir && !isDir:
+		return fmt.Errorf("--type dir needs a directory; %s is not one", src)
+	case typ == build.TypeTarfs && isDir:
+		return fmt.Errorf("--type tarfs needs a tar file or -; %s is a directory", src)
+	case typ == build.TypeTarfs && (c.IsSet("compressor") || c.IsSet("digester")):
+		return errors.New("tarfs blobs are raw tars: --compressor and --digester apply to dir mode only")
+	case typ == build.TypeDir && c.IsSet("blob-id"):
+		return errors.New("--blob-id applies to tarfs only: dir-mode blobs are named by their sha256")
+	}
+
+	bootPath := c.String("bootstrap")
+	boot, err := os.CreateTemp(filepath.Dir(bootPath), "."+filepath.Base(bootPath)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(boot.Name()) // no-op once renamed
+	bw := bufio.NewWriterSize(boot, 1<<20)
+
+	log.Debug().Str("source", src).Stringer("type", typ).Msg("building")
+	var res *build.Result
+	if typ == build.TypeDir {
+		res, err = build.FromDir(c.Context, src, bw, opts)
+	} else {
+		res, err = createFromTar(c.Context, src, bw, opts)
+	}
+	if err == nil {
+		err = bw.Flush()
+	}
+	if cerr := boot.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(boot.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(boot.Name(), bootPath)
+	}
+	if err != nil {
+		return err
+	}
+
+	fmt.Fprintf(c.App.Writer, "bootstrap %s: %d bytes, %d inodes\n", bootPath, res.Bootstrap.Size, res.Bootstrap.Inodes)
+	for _, b := range res.Blobs {
+		how := ""
+		if b.Placed != "" {
+			how = ", " + b.Placed
+		}
+		fmt.Fprintf(c.App.Writer, "blob %s: %d bytes, %d uncompressed, %d chunks%s\n", b.ID, b.Size, b.UncompressedSize, b.Chunks, how)
+	}
+	return nil
+}
+
+// createFromTar builds from a tar file, or from stdin spooled into the
+// blob directory (where the build then hard-links it to its final name).
+func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.Options) (*build.Result, error) {
+	var f *os.File
+	if src == "-" {
+		if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
+			return nil, err
+		}
+		spool, err := os.CreateTemp(opts.BlobDir, ".stdin-*")
+		if err != nil {
+			return nil, err
+		}
+		defer os.Remove(spool.Name())
+		defer spool.Close()
+		if _, err := io.CopyBuffer(spool, &ctxReader{ctx, os.Stdin}, make([]byte, 1<<20)); err != nil {
+			return nil, fmt.Errorf("spooling stdin: %w", err)
+		}
+		// The spool becomes the blob by a hard link: make it readable
+		// like any blob.
+		if err := spool.Chmod(0o644); err != nil {
+			return nil, err
+		}
+		f = spool
+	} else {
+		var err error
+		if f, err = os.Open(src); err != nil {
+			return nil, err
+		}
+		defer f.Close()
+	}
+	return build.FromTar(ctx, f, boot, opts)
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// parseChunkSize reads 1048576, 1M, 1m, 512K, 0x100000.
+func parseChunkSize(s string) (uint32, error) {
+	mult := uint64(1)
+	t := strings.TrimSpace(s)
+	switch {
+	case strings.HasSuffix(strings.ToUpper(t), "K"):
+		mult, t = 1<<10, t[:len(t)-1]
+	case strings.HasSuffix(strings.ToUpper(t), "M"):
+		mult, t = 1<<20, t[:len(t)-1]
+	}
+	v, err := strconv.ParseUint(t, 0, 32)
+	if err != nil || v*mult > 16<<20 {
+		return 0, fmt.Errorf("--chunk-size %q: want a power of two from 4K to 16M", s)
+	}
+	n := uint32(v * mult)
+	if n&(n-1) != 0 || n < 4096 {
+		return 0, fmt.Errorf("--chunk-size %q: want a power of two from 4K to 16M", s)
+	}
+	return n, nil
+}
