@@ -26,7 +26,7 @@ this process over local sockets; no network is involved. Once the device is
 ready its path (/dev/nbdN) is printed on stdout, one line, so a script can
 wait for it and mount:
 
-  rafsnbd nbd --disk image.disk >dev.txt &
+  rafsnbd nbd -B image.boot -D blobs/ >dev.txt &     # or: --disk image.disk
   until [ -s dev.txt ]; do sleep 0.1; done     # (check that rafsnbd still runs)
   mount -t erofs -o ro "$(cat dev.txt)" /mnt
 
@@ -48,8 +48,8 @@ Several --connections give the device that many queues, served in parallel.
 
 Subcommands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
 /dev/nbdN' detaches one, whoever serves it.`,
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes"},
+		Flags: append(imageFlags(),
+			&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes (instead of -B/-D)"},
 			&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
 			&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},
 			&cli.IntFlag{Name: "timeout", Value: 0, Usage: "per-request timeout in `SECONDS`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"},
@@ -57,7 +57,7 @@ Subcommands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
 			&cli.BoolFlag{Name: "ioctl", Usage: "use the legacy ioctl interface instead of generic netlink (no restart without unmounting)"},
 			&cli.StringFlag{Name: "backend-id", Usage: "netlink backend identifier `ID` tagging the device; default: derived from the image"},
 			&cli.IntFlag{Name: "block-size", Usage: "logical block size in `BYTES` (512..65536, a power of two); default: the EROFS image's block size, 4096 if none"},
-		},
+		),
 		Action: runNBD,
 		Subcommands: []*cli.Command{
 			{
@@ -91,14 +91,39 @@ type nbdSource struct {
 }
 
 // openNBDSource builds the device to serve from the command's flags. It is
-// the one place that knows where devices come from: a flat disk file today,
-// an image's bootstrap and blobs composed by package blockdev next.
+// the one place that knows where devices come from: an image's bootstrap
+// and blobs composed by package blockdev, or a flat disk file.
 func openNBDSource(c *cli.Context) (*nbdSource, error) {
 	path := c.String("disk")
-	if path == "" {
-		return nil, errors.New("nothing to serve: give --disk FILE")
+	switch {
+	case haveImage(c) && path != "":
+		return nil, errors.New("give either -B/-D or --disk, not both")
+	case haveImage(c):
+		return openImageSource(c)
+	case path == "":
+		return nil, errors.New("nothing to serve: give -B BOOTSTRAP -D BLOBDIR, or --disk FILE")
 	}
 	return openDiskSource(path)
+}
+
+// openImageSource composes the image named by -B/-D. The backend id names
+// the bootstrap's absolute path, so a restarted server finds its device.
+func openImageSource(c *cli.Context) (*nbdSource, error) {
+	abs, err := filepath.Abs(c.String("bootstrap"))
+	if err != nil {
+		return nil, err
+	}
+	img, err := openImage(c)
+	if err != nil {
+		return nil, err
+	}
+	return &nbdSource{
+		device:    img,
+		blockSize: int64(img.BlockSize()),
+		backendID: "rafsnbd:image:" + abs,
+		describe:  abs,
+		close:     img.Close,
+	}, nil
 }
 
 // diskDevice serves a flat disk file.
