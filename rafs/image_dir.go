@@ -29,91 +29,168 @@ func (img *Image) ReadDir(nid uint64) ([]DirEntry, error) {
 	return ents, err
 }
 
-// readDir parses a directory inode's data and also returns its ".." nid.
-func (img *Image) readDir(e *Entry) (ents []DirEntry, parent uint64, err error) {
+// rawDirent is a DirEntry during parsing, with where it was found.
+type rawDirent struct {
+	DirEntry
+	off uint64 // bootstrap offset of the dirent, for errors
+}
+
+// dirBlock reads block k of a directory's data (the last one may be
+// short) and returns it with its bootstrap offset.
+func (img *Image) dirBlock(e *Entry, k uint64) ([]byte, uint64, error) {
 	s := fmt.Sprintf("inode %d", e.Nid)
-	if !e.IsDir() {
-		return nil, 0, fmt.Errorf("rafs: inode %d is not a directory (mode %#o)", e.Nid, e.Mode)
-	}
 	off := img.metaBase + e.Nid*InodeSlotSize
 	blocks, tail, err := img.flatRanges(e, off, s)
 	if err != nil {
 		return nil, 0, err
 	}
-	data, err := img.flatData(e, off, s)
-	if err != nil {
-		return nil, 0, err
+	bs := uint64(img.BlockSize)
+	start := k * bs
+	if start < blocks[1] {
+		n := min(bs, blocks[1]-start)
+		b, err := img.read(blocks[0]+start, n, s, "directory block")
+		return b, blocks[0] + start, err
 	}
-	bs := int(img.BlockSize)
+	b, err := img.read(tail[0], tail[1], s, "inline directory block")
+	return b, tail[0], err
+}
+
+// dirBlocks is the number of blocks (the last possibly short) of a
+// directory's data.
+func (img *Image) dirBlocks(e *Entry) uint64 {
+	bs := uint64(img.BlockSize)
+	return e.Size/bs + min(e.Size%bs, 1)
+}
+
+// parseDirBlock decodes one directory block (§7): dirents, then names.
+// It checks name offsets, names and the order inside the block.
+func parseDirBlock(blk []byte, base uint64, s string) ([]rawDirent, error) {
+	if len(blk) < DirentSize {
+		return nil, formatErr(base, s, "dirent", len(blk), "directory block of %d bytes cannot hold a dirent", len(blk))
+	}
+	first := int(le.Uint16(blk[8:]))
+	if first < DirentSize || first%DirentSize != 0 || first > len(blk) {
+		return nil, formatErr(base+8, s, "nameoff", first,
+			"first name offset must be a non-zero multiple of %d inside the %d-byte block", DirentSize, len(blk))
+	}
+	n := first / DirentSize
+	ents := make([]rawDirent, 0, n)
 	var prev []byte
+	for i := range n {
+		var d Dirent
+		d.Decode(blk[i*DirentSize:])
+		doff := base + uint64(i*DirentSize)
+		nameStart := int(d.NameOff)
+		nameEnd := len(blk)
+		if i+1 < n {
+			nameEnd = int(le.Uint16(blk[(i+1)*DirentSize+8:]))
+		}
+		if nameStart < first || nameStart >= nameEnd || nameEnd > len(blk) {
+			return nil, formatErr(doff+8, s, "nameoff", d.NameOff,
+				"name offsets out of order or outside the block (entry %d of %d, next at %d)", i, n, nameEnd)
+		}
+		name := blk[nameStart:nameEnd]
+		if i+1 == n { // the last name ends at the first NUL
+			if j := bytes.IndexByte(name, 0); j >= 0 {
+				name = name[:j]
+			}
+		}
+		switch {
+		case len(name) == 0:
+			return nil, formatErr(doff+8, s, "name", "", "empty name")
+		case len(name) > MaxNameLen:
+			return nil, formatErr(doff+8, s, "name", string(name[:32])+"...", "name longer than %d bytes", MaxNameLen)
+		case bytes.IndexByte(name, '/') >= 0 || bytes.IndexByte(name, 0) >= 0:
+			return nil, formatErr(doff+8, s, "name", string(name), "name contains '/' or NUL")
+		case d.FileType > FileTypeSymlink:
+			return nil, formatErr(doff+10, s, "file_type", d.FileType, "unknown file type")
+		case prev != nil && bytes.Compare(prev, name) >= 0:
+			return nil, formatErr(doff+8, s, "name", string(name), "entries not in strictly increasing byte order (after %q)", prev)
+		}
+		prev = name
+		ents = append(ents, rawDirent{DirEntry{Name: string(name), Nid: d.Nid, Type: d.FileType}, doff})
+	}
+	return ents, nil
+}
+
+// readDir parses every block of a directory, checks the order across
+// blocks and the "." and ".." entries, and returns the other entries and
+// the ".." nid.
+func (img *Image) readDir(e *Entry) (ents []DirEntry, parent uint64, err error) {
+	s := fmt.Sprintf("inode %d", e.Nid)
+	if !e.IsDir() {
+		return nil, 0, fmt.Errorf("rafs: inode %d is not a directory (mode %#o)", e.Nid, e.Mode)
+	}
 	haveDot, haveDotDot := false, false
-	for start := 0; start < len(data); start += bs {
-		blk := data[start:min(start+bs, len(data))]
-		base := blocks[0] + uint64(start) // bootstrap offset of blk, for errors
-		if uint64(start) >= blocks[1] {
-			base = tail[0]
+	prev := ""
+	for k := range img.dirBlocks(e) {
+		blk, base, err := img.dirBlock(e, k)
+		if err != nil {
+			return nil, 0, err
 		}
-		if len(blk) < DirentSize {
-			return nil, 0, formatErr(base, s, "dirent", len(blk), "directory block of %d bytes cannot hold a dirent", len(blk))
+		raw, err := parseDirBlock(blk, base, s)
+		if err != nil {
+			return nil, 0, err
 		}
-		first := int(le.Uint16(blk[8:]))
-		if first < DirentSize || first%DirentSize != 0 || first > len(blk) {
-			return nil, 0, formatErr(base+8, s, "nameoff", first,
-				"first name offset must be a non-zero multiple of %d inside the %d-byte block", DirentSize, len(blk))
+		if k > 0 && raw[0].Name <= prev {
+			return nil, 0, formatErr(raw[0].off+8, s, "name", raw[0].Name,
+				"entries not in strictly increasing byte order across blocks (after %q)", prev)
 		}
-		n := first / DirentSize
-		for i := range n {
-			var d Dirent
-			d.Decode(blk[i*DirentSize:])
-			doff := base + uint64(i*DirentSize)
-			nameStart := int(d.NameOff)
-			nameEnd := len(blk)
-			if i+1 < n {
-				nameEnd = int(le.Uint16(blk[(i+1)*DirentSize+8:]))
-			}
-			if nameStart < first || nameStart >= nameEnd || nameEnd > len(blk) {
-				return nil, 0, formatErr(doff+8, s, "nameoff", d.NameOff,
-					"name offsets out of order or outside the block (entry %d of %d, next at %d)", i, n, nameEnd)
-			}
-			name := blk[nameStart:nameEnd]
-			if i+1 == n { // the last name ends at the first NUL
-				if j := bytes.IndexByte(name, 0); j >= 0 {
-					name = name[:j]
-				}
-			}
-			switch {
-			case len(name) == 0:
-				return nil, 0, formatErr(doff+8, s, "name", "", "empty name")
-			case len(name) > MaxNameLen:
-				return nil, 0, formatErr(doff+8, s, "name", string(name[:32])+"...", "name longer than %d bytes", MaxNameLen)
-			case bytes.IndexByte(name, '/') >= 0 || bytes.IndexByte(name, 0) >= 0:
-				return nil, 0, formatErr(doff+8, s, "name", string(name), "name contains '/' or NUL")
-			case d.FileType > FileTypeSymlink:
-				return nil, 0, formatErr(doff+10, s, "file_type", d.FileType, "unknown file type")
-			case prev != nil && bytes.Compare(prev, name) >= 0:
-				return nil, 0, formatErr(doff+8, s, "name", string(name), "entries not in strictly increasing byte order (after %q)", prev)
-			}
-			prev = name
-			switch string(name) {
+		prev = raw[len(raw)-1].Name
+		for _, d := range raw {
+			switch d.Name {
 			case ".":
-				if d.Nid != e.Nid || d.FileType != FileTypeDir {
-					return nil, 0, formatErr(doff, s, "nid", d.Nid, "\".\" must be a directory entry pointing to the directory itself")
+				if d.Nid != e.Nid || d.Type != FileTypeDir {
+					return nil, 0, formatErr(d.off, s, "nid", d.Nid, "\".\" must be a directory entry pointing to the directory itself")
 				}
 				haveDot = true
 			case "..":
-				if d.FileType != FileTypeDir {
-					return nil, 0, formatErr(doff+10, s, "file_type", d.FileType, "\"..\" must be a directory entry")
+				if d.Type != FileTypeDir {
+					return nil, 0, formatErr(d.off+10, s, "file_type", d.Type, "\"..\" must be a directory entry")
 				}
 				parent, haveDotDot = d.Nid, true
 			default:
-				ents = append(ents, DirEntry{Name: string(name), Nid: d.Nid, Type: d.FileType})
+				ents = append(ents, d.DirEntry)
 			}
 		}
 	}
 	if !haveDot || !haveDotDot {
-		return nil, 0, formatErr(off, s, "i_size", e.Size, "directory lacks \".\" or \"..\"")
+		return nil, 0, formatErr(img.metaBase+e.Nid*InodeSlotSize, s, "i_size", e.Size, "directory lacks \".\" or \"..\"")
 	}
 	return ents, parent, nil
+}
+
+// lookupIn finds name in directory e by binary search over its blocks,
+// as the kernel does: names are sorted across the whole directory, so only
+// O(log blocks) blocks are read. Blocks read are validated on their own;
+// the whole-directory checks are ReadDir's and Walk's.
+func (img *Image) lookupIn(e *Entry, name string) (DirEntry, bool, error) {
+	s := fmt.Sprintf("inode %d", e.Nid)
+	lo, hi := uint64(0), img.dirBlocks(e)
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		blk, base, err := img.dirBlock(e, mid)
+		if err != nil {
+			return DirEntry{}, false, err
+		}
+		raw, err := parseDirBlock(blk, base, s)
+		if err != nil {
+			return DirEntry{}, false, err
+		}
+		switch {
+		case name < raw[0].Name:
+			hi = mid
+		case name > raw[len(raw)-1].Name:
+			lo = mid + 1
+		default:
+			i := sort.Search(len(raw), func(i int) bool { return raw[i].Name >= name })
+			if i < len(raw) && raw[i].Name == name {
+				return raw[i].DirEntry, true, nil
+			}
+			return DirEntry{}, false, nil
+		}
+	}
+	return DirEntry{}, false, nil
 }
 
 // maxSymlinkHops bounds symlink resolution in Lookup, like the kernel's
@@ -149,15 +226,14 @@ func (img *Image) Lookup(path string) (*Entry, error) {
 		if !dir.IsDir() {
 			return nil, fmt.Errorf("rafs: lookup %q: not a directory: %w", path, fs.ErrNotExist)
 		}
-		ents, _, err := img.readDir(dir)
+		d, found, err := img.lookupIn(dir, c)
 		if err != nil {
 			return nil, err
 		}
-		i := sort.Search(len(ents), func(i int) bool { return ents[i].Name >= c })
-		if i == len(ents) || ents[i].Name != c {
+		if !found {
 			return nil, fmt.Errorf("rafs: lookup %q: %w", path, fs.ErrNotExist)
 		}
-		e, err := img.Inode(ents[i].Nid)
+		e, err := img.Inode(d.Nid)
 		if err != nil {
 			return nil, err
 		}
