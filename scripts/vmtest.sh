@@ -166,20 +166,22 @@ build_rafsnbd() {
 }
 
 # ---------------------------------------------------------------------------
-# make_test_images: THE place that makes the images the guest serves.
+# make_test_images: THE place that makes the images the guest serves, all
+# built by rafsnbd itself (the static binary runs on the host too).
 # Writes into $1 (the initramfs's /img):
-#   plain.erofs    uncompressed EROFS of the test tree, 4 KiB blocks
-#   lz4hc.erofs    the same tree, lz4hc-compressed
-#   plain.size     size of plain.erofs in bytes
-#   expected.sha256  `sha256sum` of every regular file, sorted by path
+#   dir.boot, blobs/    a directory build (zstd blob), served with -B/-D
+#   plain.erofs         its flat export (4 KiB blocks)
+#   tarfs.boot          a tarfs build of the same tree (the tar is its blob)
+#   tarfs.erofs         its flat export (512-byte blocks)
+#   plain.size          size of plain.erofs in bytes
+#   expected.sha256     `sha256sum` of every regular file, sorted by path
 # The tree has a symlink sub/link-to-hello -> ../hello.txt and a file
 # hello.txt reading "hello from rafsnbd"; random.bin starts with the marker
-# corrupt_image looks for. Today mkfs.erofs builds the images; switch to
-# `rafsnbd create` + `rafsnbd export` here once they exist.
+# make_verity looks for.
 # ---------------------------------------------------------------------------
 make_test_images() {
-	local img=$1 tree=$WORK/tree
-	mkdir -p "$tree/sub/deeper" "$tree/empty-dir" "$img"
+	local img=$1 tree=$WORK/tree r=$WORK/rafsnbd
+	mkdir -p "$tree/sub/deeper" "$tree/empty-dir" "$img/blobs"
 	printf 'hello from rafsnbd' >"$tree/hello.txt"
 	{ printf 'RAFSNBD-VMTEST-MARKER\n'; head -c $((4 << 20)) /dev/urandom; } >"$tree/random.bin"
 	seq 1 200000 >"$tree/sub/numbers.txt"
@@ -189,28 +191,41 @@ make_test_images() {
 	for i in $(seq 1 64); do echo "small file $i" >"$tree/sub/deeper/small-$i.txt"; done
 	ln -s ../hello.txt "$tree/sub/link-to-hello"
 	(cd "$tree" && find . -type f | LC_ALL=C sort | xargs sha256sum) >"$img/expected.sha256"
-	mkfs.erofs --quiet -T0 --all-root "$img/plain.erofs" "$tree" >&2
-	mkfs.erofs --quiet -T0 --all-root -zlz4hc "$img/lz4hc.erofs" "$tree" >&2
+	"$r" --log-level warn create -B "$img/dir.boot" -D "$img/blobs" "$tree" >&2 || die "rafsnbd create (dir) failed"
+	"$r" --log-level warn export -B "$img/dir.boot" -D "$img/blobs" -o "$img/plain.erofs" >&2 || die "rafsnbd export (dir) failed"
+	tar -C "$tree" -cf "$WORK/tree.tar" .
+	"$r" --log-level warn create --type tarfs -B "$img/tarfs.boot" -D "$WORK/tarblobs" "$WORK/tree.tar" >&2 || die "rafsnbd create (tarfs) failed"
+	"$r" --log-level warn export -B "$img/tarfs.boot" -D "$WORK/tarblobs" -o "$img/tarfs.erofs" >&2 || die "rafsnbd export (tarfs) failed"
 	stat -c %s "$img/plain.erofs" >"$img/plain.size"
 }
 
-# make_verity: a dm-verity tree for plain.erofs in a separate file, its root
-# hash, and corrupt.erofs: plain.erofs with one byte of random.bin's data
-# flipped, so that only that file's block fails verification.
+# make_verity: the dir image exported with its dm-verity tree appended (one
+# file, as nydus-snapshotter and Kata use it), the veritysetup arguments
+# parsed from the `dm-verity options:` line rafsnbd prints, and corrupt.disk:
+# the same file with one byte of random.bin's data flipped, so that only
+# that file's block fails verification.
 make_verity() {
-	local img=$1
-	veritysetup format "$img/plain.erofs" "$img/plain.hash" >"$WORK/verity.txt" || die "veritysetup format failed"
-	awk '/^Root hash:/ {print $3}' "$WORK/verity.txt" >"$img/roothash"
-	[ -s "$img/roothash" ] || die "no root hash in veritysetup's output"
-	local off byte
-	off=$(grep -obUa 'RAFSNBD-VMTEST-MARKER' "$img/plain.erofs" | head -n1 | cut -d: -f1)
-	[ -n "$off" ] || die "marker of random.bin not found in plain.erofs"
+	local img=$1 off byte line
+	line=$("$WORK/rafsnbd" --log-level warn export -B "$img/dir.boot" -D "$img/blobs" -o "$img/verity.disk" --verity) ||
+		die "rafsnbd export --verity failed"
+	log "$line"
+	echo "$line" | sed -n 's/^dm-verity options: //p' | awk '{print $NF}' >"$img/roothash"
+	# -s "" is nydus' spelling of an empty salt; veritysetup wants --salt=-.
+	echo "$line" | sed -n 's/^dm-verity options: \(.*\) [0-9a-f]*$/\1/p' |
+		sed 's/-s ""/--salt=-/; s/--data-blocks /--data-blocks=/; s/--hash-offset /--hash-offset=/' >"$img/verity.args"
+	[ -s "$img/roothash" ] && [ -s "$img/verity.args" ] || die "no dm-verity options line from rafsnbd export --verity"
+	# Independent check on the host before the guest relies on it.
+	# shellcheck disable=SC2046
+	veritysetup verify $(cat "$img/verity.args") "$img/verity.disk" "$img/verity.disk" "$(cat "$img/roothash")" ||
+		die "veritysetup verify rejects rafsnbd's tree"
+	off=$(grep -obUa 'RAFSNBD-VMTEST-MARKER' "$img/verity.disk" | head -n1 | cut -d: -f1)
+	[ -n "$off" ] || die "marker of random.bin not found in verity.disk"
 	off=$((off + 100000))
-	cp "$img/plain.erofs" "$img/corrupt.erofs"
-	byte=$(od -An -tu1 -j "$off" -N1 "$img/plain.erofs" | tr -d ' ')
+	cp "$img/verity.disk" "$img/corrupt.disk"
+	byte=$(od -An -tu1 -j "$off" -N1 "$img/verity.disk" | tr -d ' ')
 	printf "\\$(printf %03o $(((byte + 1) % 256)))" |
-		dd of="$img/corrupt.erofs" bs=1 seek="$off" conv=notrunc status=none
-	cmp -s "$img/plain.erofs" "$img/corrupt.erofs" && die "corrupt.erofs is not corrupted"
+		dd of="$img/corrupt.disk" bs=1 seek="$off" conv=notrunc status=none
+	cmp -s "$img/verity.disk" "$img/corrupt.disk" && die "corrupt.disk is not corrupted"
 	return 0
 }
 
