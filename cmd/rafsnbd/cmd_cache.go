@@ -1,0 +1,319 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
+	"github.com/rafsnbd/rafsnbd/blobcache/registry"
+	"github.com/rafsnbd/rafsnbd/blockdev"
+	"github.com/rafsnbd/rafsnbd/rafs"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:  "cache",
+		Usage: "list, trim and fill the local blob cache (lazily fetched blob data)",
+		Description: `rafsnbd can read blob data lazily, chunk by chunk, from a blob directory
+or an OCI registry, and keep what it read in a cache directory that
+survives restarts: per blob a sparse file of its uncompressed data, a
+chunk-ready map and the blob's layout. Every chunk is checked against its
+digest (blake3 or sha256, from the bootstrap or the blob) before it is
+cached; tarfs blobs (plain layer tars) have no digests and are cached as
+fetched, in 1 MiB units. One process at a time uses a cache directory (it
+is locked with flock).
+
+  rafsnbd cache fetch --cache-dir /var/cache/rafsnbd -B image.boot \
+      --registry registry.example.com/library/app --all
+  rafsnbd cache ls --cache-dir /var/cache/rafsnbd
+  rafsnbd cache gc --cache-dir /var/cache/rafsnbd --max-size 20GiB`,
+		Subcommands: []*cli.Command{
+			{
+				Name:  "ls",
+				Usage: "list cached blobs: size, chunks cached, disk usage, last use",
+				Flags: []cli.Flag{
+					cacheDirFlag(),
+					&cli.BoolFlag{Name: "json", Usage: "print a JSON array instead of a table"},
+				},
+				Action: runCacheLs,
+			},
+			{
+				Name:  "gc",
+				Usage: "remove cached blobs: leftovers always, then by age, size or all",
+				Description: `Without options gc only removes leftovers: temporary files of interrupted
+writes and blobs whose ready map is unreadable. --older-than removes blobs
+not opened for that long; --max-size then removes the least recently used
+blobs until the cache takes at most that much disk; --all removes every
+blob. The cache must not be in use by another process.`,
+				Flags: []cli.Flag{
+					cacheDirFlag(),
+					&cli.BoolFlag{Name: "all", Usage: "remove every cached blob"},
+					&cli.DurationFlag{Name: "older-than", Usage: "remove blobs last used longer ago than `DURATION` (e.g. 168h)"},
+					&cli.StringFlag{Name: "max-size", Usage: "then evict least recently used blobs down to `SIZE` on disk (e.g. 20GiB, 500M)"},
+				},
+				Action: runCacheGC,
+			},
+			{
+				Name:      "fetch",
+				Usage:     "fill the cache with an image's data: prefetch table and named files, or --all",
+				ArgsUsage: "[PATH...]",
+				Description: `Fetches, verifies and caches the data of the files named by PATH (a
+directory stands for every file below it) and of the bootstrap's prefetch
+table, or of whole blobs with --all, so that a later serve reads nothing
+from the network. Blobs come from -D DIR or --registry REPO.`,
+				Flags: append(imageFlags(),
+					cacheDirFlag(),
+					&cli.StringFlag{Name: "registry", Usage: "read blobs from OCI repository `REPO` (host[:port]/path) by digest sha256:<blob id>"},
+					&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+					&cli.BoolFlag{Name: "all", Usage: "fetch every blob whole"},
+				),
+				Action: runCacheFetch,
+			},
+		},
+	})
+}
+
+func cacheDirFlag() cli.Flag {
+	return &cli.StringFlag{Name: "cache-dir", EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "blob cache `DIR` (created with mode 0750)"}
+}
+
+func cacheDir(c *cli.Context) (string, error) {
+	dir := c.String("cache-dir")
+	if dir == "" {
+		return "", errors.New("no cache directory: give --cache-dir DIR (or set RAFSNBD_CACHE_DIR)")
+	}
+	return dir, nil
+}
+
+func runCacheLs(c *cli.Context) error {
+	dir, err := cacheDir(c)
+	if err != nil {
+		return err
+	}
+	ents, err := blobcache.List(dir)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		type jsonEntry struct {
+			ID         string    `json:"id"`
+			Size       int64     `json:"size"`
+			Units      int       `json:"units"`
+			ReadyUnits int       `json:"ready_units"`
+			DiskUsage  int64     `json:"disk_usage"`
+			LastUsed   time.Time `json:"last_used"`
+			Error      string    `json:"error,omitempty"`
+		}
+		out := []jsonEntry{}
+		for _, e := range ents {
+			j := jsonEntry{ID: e.ID, Size: e.Size, Units: e.Units, ReadyUnits: e.ReadyUnits, DiskUsage: e.DiskUsage, LastUsed: e.LastUsed.UTC()}
+			if e.Err != nil {
+				j.Error = e.Err.Error()
+			}
+			out = append(out, j)
+		}
+		enc := json.NewEncoder(c.App.Writer)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	return printCacheList(c.App.Writer, ents)
+}
+
+func printCacheList(out io.Writer, ents []blobcache.Entry) error {
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "BLOB\tSIZE\tCACHED\tDISK\tLAST USED")
+	var disk int64
+	for _, e := range ents {
+		disk += e.DiskUsage
+		if e.Err != nil {
+			fmt.Fprintf(w, "%s\t-\t-\t%s\t%s\t(%v)\n", e.ID, shortBytes(e.DiskUsage), e.LastUsed.Format(time.DateTime), e.Err)
+			continue
+		}
+		pct := 0.0
+		if e.Units > 0 {
+			pct = 100 * float64(e.ReadyUnits) / float64(e.Units)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d/%d chunks (%.0f%%)\t%s\t%s\n", e.ID, shortBytes(e.Size),
+			e.ReadyUnits, e.Units, pct, shortBytes(e.DiskUsage), e.LastUsed.Format(time.DateTime))
+	}
+	fmt.Fprintf(w, "%d blobs\t\t\t%s\t\n", len(ents), shortBytes(disk))
+	return w.Flush()
+}
+
+// shortBytes prints a byte count in binary units, compactly.
+func shortBytes(n int64) string {
+	if n < 1024 {
+		return fmt.Sprintf("%dB", n)
+	}
+	v, u := float64(n)/1024, 0
+	units := []string{"KiB", "MiB", "GiB", "TiB", "PiB"}
+	for v >= 1024 && u < len(units)-1 {
+		v, u = v/1024, u+1
+	}
+	return fmt.Sprintf("%.1f%s", v, units[u])
+}
+
+// parseSize reads a byte count: plain bytes, or with a K, M, G, T suffix
+// (binary multiples; "KiB", "K", "KB" all mean 1024).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	shift := 0
+	if t != "" {
+		if i := strings.IndexByte("KMGTP", t[len(t)-1]); i >= 0 {
+			shift = 10 * (i + 1)
+			t = t[:len(t)-1]
+		}
+	}
+	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
+	if err != nil || v < 0 || v*float64(int64(1)<<shift) > 1<<62 {
+		return 0, fmt.Errorf("size %q: want bytes or a number with K, M, G, T (binary units)", s)
+	}
+	return int64(v * float64(int64(1)<<shift)), nil
+}
+
+func runCacheGC(c *cli.Context) error {
+	dir, err := cacheDir(c)
+	if err != nil {
+		return err
+	}
+	opts := blobcache.GCOptions{All: c.Bool("all"), OlderThan: c.Duration("older-than")}
+	if s := c.String("max-size"); s != "" {
+		if opts.MaxSize, err = parseSize(s); err != nil {
+			return fmt.Errorf("--max-size: %w", err)
+		}
+		if opts.MaxSize == 0 {
+			return errors.New("--max-size 0: use --all to empty the cache")
+		}
+	}
+	cache, err := blobcache.Open(dir, nil)
+	if err != nil {
+		return err
+	}
+	defer cache.Close()
+	removed, err := cache.GC(opts)
+	var freed int64
+	for _, e := range removed {
+		freed += e.DiskUsage
+		fmt.Fprintf(c.App.Writer, "removed %s (%s)\n", e.ID, shortBytes(e.DiskUsage))
+	}
+	fmt.Fprintf(c.App.Writer, "%d blobs removed, %s freed\n", len(removed), shortBytes(freed))
+	return err
+}
+
+// openBlobStore returns where blob bytes come from: the OCI repository of
+// --registry, or the directory of -D.
+func openBlobStore(c *cli.Context) (blobcache.Store, error) {
+	if repo := c.String("registry"); repo != "" {
+		return registry.New(repo, registry.Options{Insecure: c.Bool("insecure")})
+	}
+	if dir := c.String("blob-dir"); dir != "" {
+		return localfs.New(dir), nil
+	}
+	return nil, errors.New("no blob source: give -D BLOBDIR or --registry REPO")
+}
+
+// cachedBlobs opens an image's blobs through a cache: it is the
+// blockdev.BlobOpener for lazily fetched images. table is the bootstrap's
+// chunk table, where the chunk digests are.
+type cachedBlobs struct {
+	cache *blobcache.Cache
+	store blobcache.Store
+	table []rafs.ChunkInfo
+}
+
+var _ blockdev.BlobOpener = (*cachedBlobs)(nil)
+
+func (o *cachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry) (blockdev.BlobReader, error) {
+	return o.cache.OpenBlob(ctx, o.store, e, o.table)
+}
+
+func runCacheFetch(c *cli.Context) error {
+	log := logger(c)
+	dir, err := cacheDir(c)
+	if err != nil {
+		return err
+	}
+	boot := c.String("bootstrap")
+	if boot == "" {
+		return errors.New("no image: give -B BOOTSTRAP")
+	}
+	img, err := rafs.Open(boot)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	store, err := openBlobStore(c)
+	if err != nil {
+		return err
+	}
+	ranges := map[int][]blobcache.Range{}
+	if c.Bool("all") {
+		for i := range img.Blobs {
+			ranges[i] = []blobcache.Range{{Off: 0, Len: int64(img.Blobs[i].UncompressedSize)}}
+		}
+	} else if ranges, err = blobcache.PrefetchRanges(img, c.Args().Slice()); err != nil {
+		return err
+	}
+	if len(ranges) == 0 {
+		fmt.Fprintln(c.App.Writer, "nothing to fetch: the image has no prefetch table and no PATH was given (or use --all)")
+		return nil
+	}
+	cache, err := blobcache.Open(dir, &blobcache.Options{Logger: log})
+	if err != nil {
+		return err
+	}
+	defer cache.Close()
+	var total int64
+	for _, rs := range ranges {
+		for _, r := range rs {
+			total += r.Len
+		}
+	}
+	update, finish := newProgress(total, "fetching")
+	defer finish()
+	var done int64
+	start := time.Now()
+	for i := range img.Blobs {
+		rs := ranges[i]
+		if len(rs) == 0 {
+			continue
+		}
+		e := &img.Blobs[i]
+		blob, err := cache.OpenBlob(c.Context, store, e, img.ChunkTable)
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			// Pieces keep the progress bar moving and cancellation prompt.
+			for off := r.Off; off < r.Off+r.Len; off += 16 << 20 {
+				n := min(16<<20, r.Off+r.Len-off)
+				if err := blob.Fetch(c.Context, off, n); err != nil {
+					blob.Close()
+					return err
+				}
+				done += n
+				update(done)
+			}
+		}
+		st := blob.Stats()
+		if err := blob.Close(); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "blob %s: %d/%d chunks cached (%s), fetched %s in %d requests\n",
+			e.ID(), st.ReadyUnits, st.Units, shortBytes(st.ReadyBytes), shortBytes(st.BackendBytes), st.BackendReads)
+	}
+	finish()
+	log.Info().Dur("took", time.Since(start)).Int64("bytes", total).Msg("cache filled")
+	return nil
+}

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rafsnbd/rafsnbd/internal/testutil"
+)
+
+func runCacheCmd(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out bytes.Buffer
+	app := newApp()
+	app.Writer = &out
+	app.ErrWriter = &out
+	err := app.Run(append([]string{"rafsnbd", "cache"}, args...))
+	return out.String(), err
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{
+		"1024": 1024, "4K": 4096, "4KiB": 4096, "4kb": 4096, "1.5M": 3 << 19, "20GiB": 20 << 30, "2T": 2 << 40,
+	} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "x", "-1", "1Q", "99999999P"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("parseSize(%q) accepted", bad)
+		}
+	}
+}
+
+// TestCacheCommands fills a cache from the nydus fixture file by file,
+// lists it, and empties it with gc.
+func TestCacheCommands(t *testing.T) {
+	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
+	blobDir := filepath.Dir(boot)
+	const id = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+	dir := filepath.Join(t.TempDir(), "cache")
+
+	out, err := runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs")
+	if err != nil {
+		t.Fatalf("fetch: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "1/2 chunks cached") {
+		t.Errorf("fetch of one file:\n%s", out)
+	}
+	out, err = runCacheCmd(t, "ls", "--cache-dir", dir, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ents []struct {
+		ID         string `json:"id"`
+		Size       int64  `json:"size"`
+		Units      int    `json:"units"`
+		ReadyUnits int    `json:"ready_units"`
+	}
+	if err := json.Unmarshal([]byte(out), &ents); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if len(ents) != 1 || ents[0].ID != id || ents[0].Size != 36864 || ents[0].Units != 2 || ents[0].ReadyUnits != 1 {
+		t.Errorf("ls --json: %+v", ents)
+	}
+	if out, err = runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "--all"); err != nil || !strings.Contains(out, "2/2 chunks cached") {
+		t.Errorf("fetch --all: %v\n%s", err, out)
+	}
+	if out, err = runCacheCmd(t, "ls", "--cache-dir", dir); err != nil || !strings.Contains(out, "2/2 chunks (100%)") {
+		t.Errorf("ls: %v\n%s", err, out)
+	}
+	if _, err = runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/missing"); err == nil {
+		t.Error("fetch of a missing path succeeded")
+	}
+	if out, err = runCacheCmd(t, "gc", "--cache-dir", dir); err != nil || !strings.Contains(out, "0 blobs removed") {
+		t.Errorf("gc without options: %v\n%s", err, out)
+	}
+	if out, err = runCacheCmd(t, "gc", "--cache-dir", dir, "--all"); err != nil || !strings.Contains(out, "1 blobs removed") {
+		t.Errorf("gc --all: %v\n%s", err, out)
+	}
+	if _, err = runCacheCmd(t, "ls"); err == nil {
+		t.Error("ls without --cache-dir succeeded")
+	}
+}
