@@ -265,14 +265,23 @@ func (img *Image) Walk(fn func(path string, e *Entry) error) error {
 	if err != nil {
 		return err
 	}
-	err = img.walk("/", root, root.Nid, map[uint64]bool{}, fn)
+	err = img.walk("/", 0, root, root.Nid, map[uint64]bool{}, fn)
 	if err == fs.SkipDir || err == fs.SkipAll {
 		return nil
 	}
 	return err
 }
 
-func (img *Image) walk(path string, e *Entry, parent uint64, visited map[uint64]bool, fn func(string, *Entry) error) error {
+// MaxDepth bounds directory nesting in Walk. A path that deep is already
+// far beyond PATH_MAX; the bound keeps a hostile bootstrap from exhausting
+// the goroutine stack through Walk's recursion.
+const MaxDepth = 4096
+
+func (img *Image) walk(path string, depth int, e *Entry, parent uint64, visited map[uint64]bool, fn func(string, *Entry) error) error {
+	if depth > MaxDepth {
+		return &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", e.Nid), Field: "nid", Val: e.Nid,
+			Msg: fmt.Sprintf("directories nested deeper than %d levels", MaxDepth)}
+	}
 	if e.IsDir() {
 		if visited[e.Nid] {
 			return &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", e.Nid), Field: "nid", Val: e.Nid,
@@ -310,7 +319,7 @@ func (img *Image) walk(path string, e *Entry, parent uint64, visited map[uint64]
 			return &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", e.Nid), Field: "file_type", Val: d.Type,
 				Msg: fmt.Sprintf("dirent %q has type %d but inode %d has mode %#o", d.Name, d.Type, d.Nid, child.Mode)}
 		}
-		if err := img.walk(prefix+d.Name, child, e.Nid, visited, fn); err != nil {
+		if err := img.walk(prefix+d.Name, depth+1, child, e.Nid, visited, fn); err != nil {
 			if err == fs.SkipDir {
 				return nil
 			}

@@ -250,6 +250,15 @@ func TestSnapshotterFixtureWalk(t *testing.T) {
 	if !reflect.DeepEqual(exts, want) {
 		t.Errorf("bash extents %+v, want %+v", exts, want)
 	}
+	// setuid/setgid bits (erofs-utils 1.5 cannot show them; the raw
+	// i_mode bytes say 0104755 and 0102755).
+	for p, mode := range map[string]uint16{"/usr/bin/passwd": 0o104755, "/usr/sbin/unix_chkpwd": 0o102755} {
+		if e, err := img.Lookup(p); err != nil || e.Mode != mode {
+			t.Errorf("%s: mode %#o (%v), want %#o", p, e.Mode, err, mode)
+		} else if fm := e.FileMode(); fm&(fs.ModeSetuid|fs.ModeSetgid) == 0 {
+			t.Errorf("%s: FileMode %v lacks setuid/setgid", p, fm)
+		}
+	}
 	// /bin is a symlink to usr/bin: followed in the middle, not at the end.
 	bin, err := img.Lookup("/bin")
 	if err != nil || !bin.IsSymlink() || bin.Target != "usr/bin" {
