@@ -46,7 +46,8 @@ type Options struct {
 	// HTTP for those).
 	Insecure bool
 	// Transport is the base HTTP transport; nil means a clone of
-	// http.DefaultTransport, which honours the proxy environment variables.
+	// http.DefaultTransport, which honours the proxy environment variables
+	// (http.ProxyFromEnvironment).
 	Transport http.RoundTripper
 	// Timeout bounds one HTTP request, body included (default 30s).
 	Timeout time.Duration

@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -371,5 +373,42 @@ func TestCancel(t *testing.T) {
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("cancelled read took %v", d)
+	}
+}
+
+// TestForwardProxy: with a proxy in the transport (as HTTP_PROXY sets it
+// up), every request, ping included, goes through the proxy, which is how
+// a P2P distribution proxy sits in front of a registry.
+func TestForwardProxy(t *testing.T) {
+	data := randomBytes(70000, 7)
+	reg, ids := newFakeRegistry(t, data)
+	target, _ := url.Parse(reg.srv.URL)
+	var relayed atomic.Int64
+	rp := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
+		if r.In.URL.Host != "blobs.invalid" {
+			t.Errorf("proxy asked for host %q", r.In.URL.Host)
+		}
+		r.SetURL(target)
+	}}
+	px := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodConnect { // no TLS here: refuse, so the client falls back to http
+			http.Error(w, "no CONNECT", http.StatusBadGateway)
+			return
+		}
+		relayed.Add(1)
+		rp.ServeHTTP(w, r)
+	}))
+	defer px.Close()
+	pxURL, _ := url.Parse(px.URL)
+	opts := fastOptions()
+	opts.Insecure = true
+	opts.Transport = &http.Transport{Proxy: http.ProxyURL(pxURL)}
+	_, be := openBlob(t, "blobs.invalid/"+reg.repo, ids[0], opts)
+	p := make([]byte, 5000)
+	if _, err := be.ReadAt(context.Background(), p, 60000); err != nil || !bytes.Equal(p, data[60000:65000]) {
+		t.Fatalf("read through the proxy: %v", err)
+	}
+	if n := relayed.Load(); n < 2 {
+		t.Errorf("proxy relayed %d requests, want the ping and the read", n)
 	}
 }
