@@ -4,11 +4,15 @@
 // newstyle handshake (Server).
 //
 // One transmission engine serves both. Per connection it runs a reader that
-// keeps pulling request headers, a bounded pool of handlers that read from
-// the device concurrently, and a single writer that sends each reply's
-// header and data in one writev, in whatever order the handlers finish.
-// A success header is only ever written with its data in hand, so a failed
-// device read becomes an EIO reply for that request and nothing else.
+// keeps pulling request headers, and a bounded pool of handlers that read
+// from the device concurrently. Replies go out in whatever order the
+// handlers finish, through one writer at a time: a handler with a finished
+// reply sends it itself when no write is under way (no goroutine switch on
+// an idle connection), or leaves it to the handler that is writing, which
+// sends everything queued in one writev (batching on a busy one). Header
+// and data always travel in the same writev, and a success header is only
+// ever written with its data in hand, so a failed device read becomes an
+// EIO reply for that request and nothing else.
 package nbd
 
 import (

@@ -503,7 +503,9 @@ func TestServerShutdownDrains(t *testing.T) {
 	for i := range 5 {
 		tc.send(t, 0, cmdRead, uint64(i), uint64(i*512), 512, nil)
 	}
-	waitFor(t, "reads in the device", func() bool { return dev.started.Load() >= 1 })
+	// Cancel only once the server has read all five (each is in the device):
+	// requests still unread at cancellation are never answered.
+	waitFor(t, "reads in the device", func() bool { return dev.started.Load() == 5 })
 	// A client still negotiating is cut off.
 	pending := dial(t, path, clientFixedNewstyle)
 	cancel()

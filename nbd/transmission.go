@@ -43,10 +43,9 @@ const (
 	// burst of pipelined headers (the kernel keeps up to 128 in flight per
 	// socket) with one read system call.
 	readBufferSize = 64 << 10
-	// maxBatchReplies bounds how many finished replies the writer gathers
-	// into one writev (two iovecs each; Linux allows 1024).
-	maxBatchReplies = 64
-	defaultDrain    = 10 * time.Second
+	defaultDrain   = 10 * time.Second
+	// socketWriteBuffer is the send buffer asked for on the connection.
+	socketWriteBuffer = 4 << 20
 )
 
 // ServeTransmission runs the transmission phase on conn, which must already
@@ -95,16 +94,25 @@ type engine struct {
 	buffers    *bufferPool
 	log        zerolog.Logger
 
-	free    chan *request // idle slots; bounds requests in flight
-	work    chan *request // READs waiting for a handler
-	replies chan *request // finished requests waiting for the writer
+	free chan *request // idle slots; bounds requests in flight
+	work chan *request // READs waiting for a handler
 
 	cancelled   atomic.Bool // ctx was cancelled: stop reading, drain
-	writeFailed atomic.Bool // the writer hit an error: stop reading
+	writeFailed atomic.Bool // a write failed: stop reading
 
-	// Writer-owned state, reused so the hot path does not allocate.
+	// The writer role: whoever has a finished reply queues it; if no one is
+	// writing, it becomes the writer and sends everything queued, one
+	// writev per round, until the queue is empty. Replies that finish while
+	// a write is under way ride along in the next round, so a busy
+	// connection batches replies, and an idle one sends each reply from the
+	// goroutine that produced it, without waking another.
+	writeMu sync.Mutex
+	writing bool       // under writeMu: someone holds the writer role
+	pending []*request // under writeMu: replies waiting to be sent
+	spare   []*request // the writer's batch; swapped with pending each round
+
+	// Writer-role state, reused so the hot path does not allocate.
 	writeErr error
-	batch    []*request
 	iov      [][]byte
 	out      net.Buffers
 }
@@ -138,6 +146,13 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		return fmt.Errorf("nbd: device reports negative size %d", size)
 	}
 
+	// A socket buffer that holds a few large replies lets one writev hand
+	// over a whole reply instead of a part and a wait for the peer; the
+	// kernel caps it at net.core.wmem_max.
+	if b, ok := conn.(interface{ SetWriteBuffer(int) error }); ok {
+		_ = b.SetWriteBuffer(socketWriteBuffer)
+	}
+
 	// Twice as many slots as handlers lets the reader queue the next
 	// requests while replies are being written.
 	slots := 2 * handlers
@@ -146,9 +161,9 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		buffers: buffers, log: log,
 		free:    make(chan *request, slots),
 		work:    make(chan *request, slots),
-		replies: make(chan *request, slots),
-		batch:   make([]*request, 0, maxBatchReplies),
-		iov:     make([][]byte, 0, 2*maxBatchReplies),
+		pending: make([]*request, 0, slots),
+		spare:   make([]*request, 0, slots),
+		iov:     make([][]byte, 0, 2*slots),
 	}
 	for range slots {
 		e.free <- new(request)
@@ -165,21 +180,16 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	for range handlers {
 		workers.Go(func() {
 			for r := range e.work {
-				e.handle(r)
+				e.serveRead(r)
+				e.queue(r)
 			}
 		})
 	}
-	writerDone := make(chan struct{})
-	go func() {
-		defer close(writerDone)
-		e.writeLoop()
-	}()
-
 	readErr := e.readLoop()
 	close(e.work)
+	// Every reply queued so far is written by the time the handlers are
+	// done: the writer role is only given up with an empty queue.
 	workers.Wait()
-	close(e.replies)
-	<-writerDone
 	stopWatch()
 	_ = conn.Close()
 
@@ -193,9 +203,9 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	}
 }
 
-// readLoop pulls request headers until DISC, cancellation, a broken stream
-// or a writer failure. It never blocks on a device read: READs are handed
-// to the handlers, everything else is answered from here.
+// readLoop is the connection's reader. It pulls request headers until DISC,
+// cancellation, a broken stream or a write failure. It never blocks on the
+// device: READs go to the handlers, everything else is answered from here.
 func (e *engine) readLoop() error {
 	for {
 		hdr, err := e.in.Peek(requestHeaderSize)
@@ -212,6 +222,7 @@ func (e *engine) readLoop() error {
 		length := binary.BigEndian.Uint32(hdr[24:28])
 		_, _ = e.in.Discard(requestHeaderSize) // cannot fail: Peek saw the bytes
 
+		errno := uint32(0)
 		switch cmd {
 		case cmdRead:
 			switch {
@@ -219,12 +230,13 @@ func (e *engine) readLoop() error {
 				length == 0,
 				length > e.maxRequest,
 				offset > e.size, uint64(length) > e.size-offset:
-				e.replyError(cookie, errInval)
+				errno = errInval
 			default:
 				r := <-e.free
 				r.prepare(cookie, 0)
 				r.offset, r.length = int64(offset), int(length)
 				e.work <- r
+				continue
 			}
 		case cmdWrite:
 			// The payload follows the header whatever we answer; consume
@@ -232,16 +244,19 @@ func (e *engine) readLoop() error {
 			if n, err := e.in.Discard(int(length)); err != nil {
 				return e.readError(err, requestHeaderSize+n)
 			}
-			e.replyError(cookie, errPerm)
+			errno = errPerm
 		case cmdDisc:
 			return errDisconnect
 		case cmdFlush:
-			e.replyError(cookie, 0) // nothing is ever dirty
+			// Nothing is ever dirty.
 		case cmdTrim, cmdWriteZeroes:
-			e.replyError(cookie, errPerm)
+			errno = errPerm
 		default: // CACHE and BLOCK_STATUS were not negotiated; the rest is unknown
-			e.replyError(cookie, errInval)
+			errno = errInval
 		}
+		r := <-e.free
+		r.prepare(cookie, errno)
+		e.queue(r)
 	}
 }
 
@@ -250,7 +265,7 @@ func (e *engine) readLoop() error {
 func (e *engine) readError(err error, partial int) error {
 	switch {
 	case e.writeFailed.Load(), e.cancelled.Load():
-		return nil // the caller reports the real reason
+		return err // the caller reports the real reason
 	case errors.Is(err, io.EOF) && partial == 0:
 		return fmt.Errorf("nbd: peer closed the connection without NBD_CMD_DISC: %w", err)
 	case errors.Is(err, io.EOF):
@@ -260,30 +275,22 @@ func (e *engine) readError(err error, partial int) error {
 	}
 }
 
-// replyError queues a header-only reply (errno 0 is a bare success).
-func (e *engine) replyError(cookie uint64, errno uint32) {
-	r := <-e.free
-	r.prepare(cookie, errno)
-	e.replies <- r
-}
-
-// handle reads one request's data into a pooled buffer. Only a complete read
-// is a success; anything else fails this request with EIO.
-func (e *engine) handle(r *request) {
+// serveRead reads one request's data into a pooled buffer. Only a complete
+// read is a success; anything else fails this request with EIO.
+func (e *engine) serveRead(r *request) {
 	buf := e.buffers.get(r.length)
 	data := (*buf)[:r.length]
 	n, err := readFully(e.dev, data, r.offset)
 	if n == len(data) {
 		r.buf = buf // io.ReaderAt may return io.EOF with a full buffer
-	} else {
-		e.buffers.put(buf)
-		r.setError(errIO)
-		if err == nil {
-			err = io.ErrShortBuffer
-		}
-		e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
+		return
 	}
-	e.replies <- r
+	e.buffers.put(buf)
+	r.setError(errIO)
+	if err == nil {
+		err = io.ErrShortBuffer
+	}
+	e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
 }
 
 // readFully calls ReadAt, turning a panic in the device into an error so one
@@ -297,29 +304,31 @@ func readFully(dev Device, p []byte, off int64) (n int, err error) {
 	return dev.ReadAt(p, off)
 }
 
-// writeLoop is the only writer on the connection. It gathers whatever replies
-// are ready and sends them with one writev, then recycles their slots.
-func (e *engine) writeLoop() {
-	for r := range e.replies {
-		batch := append(e.batch[:0], r)
-	gather:
-		for len(batch) < maxBatchReplies {
-			select {
-			case r, ok := <-e.replies:
-				if !ok {
-					break gather
-				}
-				batch = append(batch, r)
-			default:
-				break gather
-			}
-		}
+// queue hands a finished reply to the writer role, taking the role if it is
+// free.
+func (e *engine) queue(r *request) {
+	e.writeMu.Lock()
+	e.pending = append(e.pending, r)
+	if e.writing {
+		e.writeMu.Unlock()
+		return
+	}
+	e.writing = true
+	for len(e.pending) > 0 {
+		batch := e.pending
+		e.pending = e.spare[:0]
+		e.writeMu.Unlock()
 		e.send(batch)
 		clear(batch)
-		e.batch = batch[:0]
+		e.writeMu.Lock()
+		e.spare = batch[:0]
 	}
+	e.writing = false
+	e.writeMu.Unlock()
 }
 
+// send writes a batch of replies with one writev and recycles their slots.
+// Only the writer role calls it.
 func (e *engine) send(batch []*request) {
 	if e.writeErr == nil {
 		iov := e.iov[:0]
@@ -331,8 +340,8 @@ func (e *engine) send(batch []*request) {
 		}
 		e.out = iov
 		if _, err := e.out.WriteTo(e.conn); err != nil {
-			// The stream is broken: stop the reader and keep recycling
-			// slots so handlers and reader can finish.
+			// The stream is broken: stop the reader; slots keep being
+			// recycled so that every handler can finish.
 			e.writeErr = err
 			e.writeFailed.Store(true)
 			_ = e.conn.SetReadDeadline(time.Unix(1, 0))

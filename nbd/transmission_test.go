@@ -312,8 +312,14 @@ func TestServeTransmissionCancelDrains(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	c, done := startEngine(t, ctx, dev, TransmissionOptions{Handlers: 2})
+	// One write, so the server takes in all four with its first read: only
+	// requests already read are answered after cancellation.
+	var msg []byte
 	for i := range 4 {
-		c.send(t, 0, cmdRead, uint64(i), uint64(i*4096), 4096, nil)
+		msg = encodeRequest(msg, 0, cmdRead, uint64(i), uint64(i*4096), 4096)
+	}
+	if _, err := c.conn.Write(msg); err != nil {
+		t.Fatal(err)
 	}
 	waitFor(t, "2 device reads in flight", func() bool { return dev.started.Load() == 2 })
 	cancel()

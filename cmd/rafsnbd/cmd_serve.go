@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"time"
 
@@ -46,6 +47,7 @@ in-flight reads finish, and exits 0.`,
 			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME` of the matching --disk (repeatable)"},
 			&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
 			&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
+			&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a pprof CPU profile of the whole run to `FILE` (for scripts/bench-nbd.sh)"},
 		},
 		Action: runServe,
 	})
@@ -53,6 +55,22 @@ in-flight reads finish, and exits 0.`,
 
 func runServe(c *cli.Context) error {
 	log := logger(c)
+	if path := c.String("cpuprofile"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return err
+		}
+		defer func() {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				log.Warn().Err(err).Msg("writing CPU profile")
+			}
+		}()
+	}
 	exports, closeExports, err := serveExports(c)
 	if err != nil {
 		return err
