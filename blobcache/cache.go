@@ -36,8 +36,8 @@ type Options struct {
 	// FlushInterval is how long verified units may stay volatile before
 	// the data file is synced and their ready bits written (default 1s).
 	FlushInterval time.Duration
-	// TarfsUnitSize is the unit of tarfs blobs, a power of two of at least
-	// 4 KiB (default 1 MiB).
+	// TarfsUnitSize is the unit of tarfs blobs, a power of two from 4 KiB
+	// to 16 MiB (default 1 MiB).
 	TarfsUnitSize int64
 	// PrefetchWorkers is the number of background prefetch fetches per
 	// blob (default 1).
@@ -112,8 +112,8 @@ func Open(dir string, opts *Options) (*Cache, error) {
 		o = *opts
 	}
 	o.fill()
-	if o.TarfsUnitSize < 4096 || o.TarfsUnitSize&(o.TarfsUnitSize-1) != 0 || o.TarfsUnitSize > 1<<30 {
-		return nil, fmt.Errorf("blobcache: tarfs unit size %d is not a power of two in [4 KiB, 1 GiB]", o.TarfsUnitSize)
+	if o.TarfsUnitSize < 4096 || o.TarfsUnitSize&(o.TarfsUnitSize-1) != 0 || o.TarfsUnitSize > 16<<20 {
+		return nil, fmt.Errorf("blobcache: tarfs unit size %d is not a power of two in [4 KiB, 16 MiB]", o.TarfsUnitSize)
 	}
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("blobcache: %w", err)

@@ -69,6 +69,10 @@ func (l *layout) verify(u *unit, data []byte) error {
 	return nil
 }
 
+// maxStoredChunk bounds one chunk's stored size: chunk-info entries hold
+// 24-bit sizes, and chunks are at most 16 MiB.
+const maxStoredChunk = 32 << 20
+
 // ErrDigestMismatch is wrapped by fetch errors of chunks whose bytes do not
 // match their digest.
 var ErrDigestMismatch = errors.New("chunk digest mismatch")
@@ -240,7 +244,7 @@ func (l *layout) checkChunks(e *rafs.BlobEntry) error {
 			return fmt.Errorf("chunk %d at uncompressed offset %d overlaps the previous chunk", id, u.uoff)
 		case u.uoff > e.UncompressedSize || uint64(u.usize) > e.UncompressedSize-u.uoff:
 			return fmt.Errorf("chunk %d [%d, +%d) runs past the uncompressed size %d", id, u.uoff, u.usize, e.UncompressedSize)
-		case u.coff > 1<<40 || u.csize > 1<<30:
+		case u.coff > 1<<40 || u.csize > maxStoredChunk:
 			return fmt.Errorf("chunk %d stored at %d (+%d) is out of range", id, u.coff, u.csize)
 		case !u.compressed && u.csize != u.usize:
 			return fmt.Errorf("chunk %d is stored raw but its sizes differ (%d, %d)", id, u.csize, u.usize)
