@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -447,5 +448,34 @@ func TestSyntheticBlobs(t *testing.T) {
 				t.Error("uncompressed space differs")
 			}
 		})
+	}
+}
+
+// BenchmarkUncompressedReader reads a zstd blob of 1 MiB chunks
+// sequentially in 128 KiB pieces, as a block device client would.
+func BenchmarkUncompressedReader(b *testing.B) {
+	var datas [][]byte
+	for i := range 8 {
+		d := bytes.Repeat([]byte(fmt.Sprintf("chunk %d of a benchmark blob; ", i)), (1<<20)/20)
+		datas = append(datas, d[:1<<20])
+	}
+	sb, err := makeBlob("bench", CompressZstd, CompressNone, false, datas)
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunks, err := ReadBlobChunks(bytes.NewReader(sb.blob), &sb.entry)
+	if err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 128<<10)
+	b.SetBytes(int64(len(sb.space)))
+	b.ResetTimer()
+	for b.Loop() {
+		ur := NewUncompressedReader(bytes.NewReader(sb.blob), &sb.entry, chunks)
+		for off := int64(0); off < ur.Size(); off += int64(len(buf)) {
+			if _, err := ur.ReadAt(buf, off); err != nil && err != io.EOF {
+				b.Fatal(err)
+			}
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -57,6 +58,17 @@ func FuzzOpen(f *testing.F) {
 			edit(m)
 			f.Add(m)
 		}
+	}
+	// Synthetic images reach what the fixtures lack: xattrs, compact
+	// inodes, special files, hard links, plain and multi-block
+	// directories, 512-byte tarfs blocks.
+	small := synthTree()[:16]
+	for i := range 12 {
+		small = append(small, synthNode{path: fmt.Sprintf("many/f%02d", i), mode: ModeRegular | 0o644, data: []byte{byte(i)}})
+	}
+	for _, opts := range []synthOpts{{chunkBits: 0}, {chunkBits: 2, inlineDirs: true}, {tarfs: true, chunkBits: 1}, {tarfs: true, inlineDirs: true}} {
+		boot, _ := buildSynth(f, opts, small)
+		f.Add(boot)
 	}
 	// The 628 KiB snapshotter image is a seed when the seed corpus runs
 	// (go test -run=Fuzz), but not while fuzzing: the engine's input

@@ -322,7 +322,6 @@ func (img *Image) readDevicesAndBlobs() error {
 		img.DeviceSlots[i].Decode(slots[i*DeviceSlotSize:])
 		img.Blobs[i].Decode(table[i*BlobEntrySize:])
 	}
-	var blocksSum uint64
 	for i := range n {
 		if err := img.checkBlob(i); err != nil {
 			return err
@@ -330,12 +329,10 @@ func (img *Image) readDevicesAndBlobs() error {
 		if err := img.checkDeviceSlot(i); err != nil {
 			return err
 		}
-		blocksSum += uint64(img.DeviceSlots[i].Blocks)
 	}
-	if b := img.Superblock.Blocks; uint64(b) != blocksSum && b != legacyBogusBlocks {
-		return formatErr(SuperblockOffset+36, "superblock", "blocks", b,
-			"must equal the sum of the device slots' blocks (%d) or the legacy 4096", blocksSum)
-	}
+	// s_blocks should be the sum of the slots' blocks, but only statfs
+	// reads it, builders have written other values (the legacy 4096), and
+	// nydus does not check it when there are devices; neither do we.
 	return nil
 }
 

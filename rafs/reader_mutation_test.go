@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 	"testing"
@@ -108,7 +109,13 @@ func TestMutations22(t *testing.T) {
 		{"root nid out of range", "root_nid", u16(offSB+14, 0xFFFF)},
 		{"root nid is a file", "root_nid", u16(offSB+14, 133)},
 		{"inos zero", "inos", u64(offSB+16, 0)},
-		{"blocks", "blocks", u32(offSB+36, 7)},
+		{"blocks without devices", "blocks", func(b []byte) []byte {
+			// A bootstrap without blobs (and so without chunk-based files).
+			put16(b, offSB+86, 0)
+			put32(b, offExt+16, 0)
+			put32(b, offSB+36, 7)
+			return b
+		}},
 		{"meta_blkaddr past end", "meta_blkaddr", u32(offSB+40, 5)},
 		{"meta_blkaddr zero", "meta_blkaddr", u32(offSB+40, 0)},
 		{"xattr_blkaddr", "xattr_blkaddr", u32(offSB+44, 1)},
@@ -265,7 +272,6 @@ func TestMutationsSnapshotter(t *testing.T) {
 		}},
 		{"symlink chunk-based", "i_format", func(b []byte) []byte { put16(b, offBin, 0x9); return b }},
 		{"prefetch table size", "prefetch_table_size", func(b []byte) []byte { put32(b, offExt+48, 5); return b }},
-		{"blocks legacy 4096 is fine but 4095 is not", "blocks", func(b []byte) []byte { put32(b, offSB+36, 4095); return b }},
 	})
 }
 
@@ -302,4 +308,56 @@ func (f *failingReader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, f.err
 	}
 	return copy(p, f.data[off:]), nil
+}
+
+// What nydus tolerates, the reader tolerates too.
+func TestToleratedQuirks(t *testing.T) {
+	orig, err := os.ReadFile(testutil.NydusFixture(t, fixture22))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []struct {
+		name string
+		edit func(b []byte)
+		test func(t *testing.T, img *Image)
+	}{
+		{"blocks not the sum of the slots", func(b []byte) { put32(b, offSB+36, 12345) }, nil},
+		{"legacy prefetch size with offset 0", func(b []byte) { put32(b, offExt+48, 8) }, func(t *testing.T, img *Image) {
+			if img.PrefetchTable != nil {
+				t.Errorf("prefetch table %v, want none", img.PrefetchTable)
+			}
+		}},
+		{"mapped_blkaddr 0", func(b []byte) { put32(b, offSlot+68, 0) }, nil},
+		{"other compat bits", func(b []byte) { put32(b, offSB+8, FeatureCompatRafsV6|0x2) }, nil},
+		{"build time for compact inodes", func(b []byte) { put64(b, offSB+24, 1234) }, nil},
+		{"hole chunk", func(b []byte) { put32(b, offLibRsIdx+4, NullBlkAddr) }, func(t *testing.T, img *Image) {
+			e, err := img.Lookup("/lib.rs")
+			if err != nil {
+				t.Fatal(err)
+			}
+			exts, err := img.FileExtents(e)
+			if err != nil || len(exts) != 1 || exts[0].Blob != -1 || exts[0].Length != 16931 {
+				t.Errorf("extents of a hole chunk: %+v, %v", exts, err)
+			}
+			data, err := fs.ReadFile(img.FS(nil), "lib.rs")
+			if err != nil || len(data) != 16931 || !allZero(data) {
+				t.Errorf("hole reads %d bytes, %v; want 16931 zeros", len(data), err)
+			}
+		}},
+	} {
+		t.Run(q.name, func(t *testing.T) {
+			b := bytes.Clone(orig)
+			q.edit(b)
+			if err := checkAll(b); err != nil {
+				t.Fatal(err)
+			}
+			if q.test != nil {
+				img, err := NewImage(bytes.NewReader(b), int64(len(b)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				q.test(t, img)
+			}
+		})
+	}
 }

@@ -302,3 +302,24 @@ func TestSkipDirAndSkipAll(t *testing.T) {
 		t.Errorf("Walk returned %v, want the callback's error", err)
 	}
 }
+
+func BenchmarkWalkSnapshotter(b *testing.B) {
+	img := openFixture(b, fixtureSnap)
+	b.ResetTimer()
+	for b.Loop() {
+		n := 0
+		if err := img.Walk(func(string, *Entry) error { n++; return nil }); err != nil || n != 3517 {
+			b.Fatal(n, err)
+		}
+	}
+}
+
+func BenchmarkLookupSnapshotter(b *testing.B) {
+	img := openFixture(b, fixtureSnap)
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := img.Lookup("/usr/lib/x86_64-linux-gnu/perl-base/unicore/lib/XIDS/Y.pl"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
