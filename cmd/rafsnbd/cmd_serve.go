@@ -109,25 +109,26 @@ func runServe(c *cli.Context) error {
 // closes them. It is the one place that knows where exports come from: flat
 // disk files today; images composed from a bootstrap and blobs by package
 // blockdev can be appended here.
-func serveExports(c *cli.Context) (exports []nbd.Export, closeAll func() error, err error) {
+func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
+	var exports []nbd.Export
 	var closers []func() error
-	closeAll = func() error {
+	closeAll := func() error {
 		var errs []error
 		for _, f := range closers {
 			errs = append(errs, f())
 		}
 		return errors.Join(errs...)
 	}
-	defer func() {
-		if err != nil {
-			_ = closeAll()
-		}
-	}()
+	fail := func(err error) ([]nbd.Export, func() error, error) {
+		_ = closeAll()
+		return nil, nil, err
+	}
 
 	disks, names := c.StringSlice("disk"), c.StringSlice("name")
 	if len(names) > len(disks) {
-		return nil, nil, fmt.Errorf("%d --name flags for %d --disk flags", len(names), len(disks))
+		return fail(fmt.Errorf("%d --name flags for %d --disk flags", len(names), len(disks)))
 	}
+	sources := make([]string, 0, len(disks)) // what each export serves, for messages
 	for i, path := range disks {
 		name := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
 		if i < len(names) {
@@ -135,21 +136,22 @@ func serveExports(c *cli.Context) (exports []nbd.Export, closeAll func() error, 
 		}
 		exp, closeDisk, err := openDiskExport(path, name)
 		if err != nil {
-			return nil, nil, err
+			return fail(err)
 		}
 		closers = append(closers, closeDisk)
 		exports = append(exports, exp)
+		sources = append(sources, path)
 	}
 
 	if len(exports) == 0 {
-		return nil, nil, errors.New("nothing to serve: give --disk FILE")
+		return fail(errors.New("nothing to serve: give --disk FILE"))
 	}
 	seen := map[string]string{}
 	for i, e := range exports {
 		if prev, dup := seen[e.Name]; dup {
-			return nil, nil, fmt.Errorf("export name %q used by both %s and %s; give distinct --name flags", e.Name, prev, disks[i])
+			return fail(fmt.Errorf("export name %q used by both %s and %s; give distinct --name flags", e.Name, prev, sources[i]))
 		}
-		seen[e.Name] = disks[i]
+		seen[e.Name] = sources[i]
 	}
 	return exports, closeAll, nil
 }
