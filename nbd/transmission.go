@@ -57,9 +57,12 @@ const (
 //
 // It returns nil after NBD_CMD_DISC or after ctx is cancelled, in both cases
 // once every request already read has been answered (or DrainTimeout has
-// passed). It returns an error wrapping io.EOF when the peer closed without
-// NBD_CMD_DISC, and another error when the stream broke (bad magic, short
-// header, failed write). conn is always closed when it returns.
+// passed). On cancellation, requests still in the socket are left unread
+// and unanswered rather than failed with ESHUTDOWN: the kernel re-sends them
+// on the socket a restarted server attaches, and a network client sees the
+// connection close. It returns an error wrapping io.EOF when the peer closed
+// without NBD_CMD_DISC, and another error when the stream broke (bad magic,
+// short header, failed write). conn is always closed when it returns.
 func ServeTransmission(ctx context.Context, conn net.Conn, dev Device, opts TransmissionOptions) error {
 	if dev == nil {
 		_ = conn.Close()

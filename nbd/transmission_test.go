@@ -401,3 +401,34 @@ func TestServeTransmissionNoAllocs(t *testing.T) {
 		t.Fatalf("%.2f allocations per request, want 0", allocs)
 	}
 }
+
+// slowSpotDevice blocks reads at one offset until released; others are
+// immediate.
+type slowSpotDevice struct {
+	memDevice
+	slowOff int64
+	release chan struct{}
+}
+
+func (d *slowSpotDevice) ReadAt(p []byte, off int64) (int, error) {
+	if off == d.slowOff {
+		<-d.release
+	}
+	return d.memDevice.ReadAt(p, off)
+}
+
+// TestServeTransmissionOutOfOrder: a read stuck in the device (a cold fetch)
+// must not hold up the reads sent after it; its reply comes last.
+func TestServeTransmissionOutOfOrder(t *testing.T) {
+	dev := &slowSpotDevice{memDevice: memDevice{data: randomBytes(1<<16, 13)}, slowOff: 0, release: make(chan struct{})}
+	c, _ := startEngine(t, context.Background(), dev, TransmissionOptions{Handlers: 4})
+	c.send(t, 0, cmdRead, 100, 0, 4096, nil)
+	for i := 1; i <= 20; i++ {
+		c.send(t, 0, cmdRead, uint64(i), uint64(i*512), 512, nil)
+		c.expectReply(t, 0, uint64(i))
+		checkBytes(t, c.data(t, 512), dev.data[i*512:(i+1)*512], "read behind a stuck one")
+	}
+	close(dev.release)
+	c.expectReply(t, 0, 100)
+	checkBytes(t, c.data(t, 4096), dev.data[:4096], "the stuck read")
+}
