@@ -57,6 +57,7 @@ func TestMain(m *testing.M) {
 	if srcDir != "" {
 		os.RemoveAll(filepath.Dir(srcDir))
 	}
+	cleanupBenchData()
 	os.Exit(code)
 }
 
