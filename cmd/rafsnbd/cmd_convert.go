@@ -1,0 +1,198 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"sync"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/rafsnbd/rafsnbd/rafs/oci"
+	"github.com/rafsnbd/rafsnbd/verity"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "convert",
+		Usage:     "pull an OCI/Docker image and convert it to a RAFS v6 tarfs image (nydus-snapshotter's tarfs flow)",
+		ArgsUsage: "REF",
+		Description: `Pulls every layer of the image REF whole, checks its digest, decompresses it
+(gzip, zstd or none, by media type) into an uncompressed tar whose sha256 must
+be the config's diff_id, indexes the tar as a tarfs layer bootstrap (the tar
+itself is the blob, 512-byte blocks), and merges the layer bootstraps into
+one image bootstrap, applying OCI whiteouts (.wh.NAME, .wh..wh..opq).
+
+REF is a registry reference or an OCI image layout directory:
+
+  rafsnbd convert --cache-dir /var/cache/rafsnbd docker.io/library/alpine:3.20
+  rafsnbd convert --cache-dir cache --insecure 127.0.0.1:5000/app:v1
+  rafsnbd convert --cache-dir cache oci:./layout:v1     (or oci:DIR@sha256:...)
+
+Credentials come from the Docker config (~/.docker/config.json, credential
+helpers). From an index the --platform image is taken (default: linux and
+this machine's architecture).
+
+The cache is content addressed; a layer or image converted before is reused,
+and a conversion interrupted at any point (even kill -9) is redone by the
+next run, never taken as done. Concurrent conversions of the same image wait
+for each other. Layout:
+
+  blobs/<diffid>                  layer tars (the tarfs blobs)
+  layers/<diffid>.boot            layer bootstraps
+  images/<manifest>/image.boot    merged image bootstrap (+ image.json)
+
+--export writes flat EROFS disks beside the tars, named as nydus-snapshotter
+names them: 'image' writes blobs/<top layer diffid>.image.disk (merged
+bootstrap + every layer tar), 'layer' writes blobs/<diffid>.layer.disk per
+layer. Mount one directly:
+
+  rafsnbd convert --cache-dir cache --export image --verity oci:./layout:v1
+  mount -t erofs -o loop,ro cache/blobs/<top>.image.disk /mnt
+
+With --verity each disk gets a dm-verity tree (512-byte data blocks, as
+nydus) and the 'dm-verity options: ...' line nydus-image prints is printed.
+Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "cache-dir", Required: true, EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "`DIR` holding tars, bootstraps and disks (created 0750)"},
+			&cli.StringFlag{Name: "export", Value: "none", Usage: "`MODE` of disk export: none, layer or image"},
+			&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity tree to exported disks and print its options"},
+			&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
+			&cli.IntFlag{Name: "concurrency", Value: oci.DefaultConcurrency, Usage: "layers pulled at once"},
+			&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+			&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
+			&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
+		},
+		Action: runConvert,
+	})
+}
+
+func runConvert(c *cli.Context) error {
+	log := logger(c)
+	if c.NArg() != 1 {
+		return fmt.Errorf("convert takes one image reference, got %d arguments", c.NArg())
+	}
+	mode, err := oci.ParseExportMode(c.String("export"))
+	if err != nil {
+		return err
+	}
+	compat, err := verity.ParseCompat(c.String("verity-compat"))
+	if err != nil {
+		return err
+	}
+	if c.IsSet("verity-compat") && !c.Bool("verity") {
+		return fmt.Errorf("--verity-compat needs --verity")
+	}
+	if c.Bool("verity") && mode == oci.ExportNone {
+		return fmt.Errorf("--verity needs --export layer or image: the tree goes into the disk file")
+	}
+	if c.Int("concurrency") < 1 {
+		return fmt.Errorf("--concurrency must be at least 1")
+	}
+
+	bars := &convertProgress{}
+	defer bars.finish()
+	res, err := oci.Convert(c.Context, c.Args().First(), oci.Options{
+		CacheDir:     c.String("cache-dir"),
+		Export:       mode,
+		Verity:       c.Bool("verity"),
+		VerityCompat: compat,
+		Concurrency:  c.Int("concurrency"),
+		Insecure:     c.Bool("insecure"),
+		Platform:     c.String("platform"),
+		Progress:     bars.update,
+	})
+	bars.finish()
+	if err != nil {
+		return err
+	}
+
+	for _, l := range res.Layers {
+		ev := log.Info().Int("layer", l.Index).Str("diff_id", l.DiffID).Int64("bytes", l.Size).Int64("tar_bytes", l.TarSize)
+		if l.Reused {
+			ev.Bool("reused", true).Msg("layer")
+			continue
+		}
+		ev.Dur("download", l.Download).Dur("decompress", l.Decompress).Dur("build", l.Build).Bool("tar_reused", l.TarReused).Msg("layer")
+	}
+	log.Info().Str("ref", res.Ref).Str("manifest", res.ManifestDigest).Int("layers", len(res.Layers)).
+		Bool("reused", res.Reused).Dur("resolve", res.Resolve).Dur("layers_took", res.Layer).Dur("merge", res.Merge).
+		Str("bootstrap", res.Bootstrap).Msg("converted")
+	for _, ex := range res.Exports {
+		log.Info().Str("disk", ex.Path).Str("kind", ex.Kind).Int64("bytes", ex.Size).Bool("reused", ex.Reused).Dur("took", ex.Took).Msg("exported")
+	}
+
+	out := c.App.Writer
+	if c.Bool("json") {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	fmt.Fprintf(out, "image: %s %s\n", res.Ref, res.ManifestDigest)
+	fmt.Fprintf(out, "bootstrap: %s\n", res.Bootstrap)
+	fmt.Fprintf(out, "blobs: %s\n", res.BlobDir)
+	for _, ex := range res.Exports {
+		fmt.Fprintf(out, "disk: %s\n", ex.Path)
+		if ex.Verity != "" {
+			fmt.Fprintln(out, ex.Verity)
+		}
+	}
+	return nil
+}
+
+// convertProgress draws one bar for all layer downloads and one per export
+// when stderr is a terminal. Events arrive from several goroutines.
+type convertProgress struct {
+	mu         sync.Mutex
+	done       map[int]int64
+	pull       func(int64)
+	pullEnd    func()
+	exportPath string
+	export     func(int64)
+	exportEnd  func()
+}
+
+func (p *convertProgress) update(ev oci.Progress) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch ev.Phase {
+	case oci.PhaseResolved:
+		p.done = map[int]int64{}
+		p.pull, p.pullEnd = newProgress(ev.Total, "pull")
+	case oci.PhaseDownload, oci.PhaseReused:
+		if p.pull == nil {
+			return
+		}
+		p.done[ev.Layer] = ev.Done
+		var sum int64
+		for _, d := range p.done {
+			sum += d
+		}
+		p.pull(sum)
+	case oci.PhaseExport:
+		if ev.Path != p.exportPath {
+			if p.exportEnd != nil {
+				p.exportEnd()
+			}
+			p.exportPath = ev.Path
+			p.export, p.exportEnd = newProgress(ev.Total, "export "+filepath.Base(ev.Path))
+		}
+		p.export(ev.Done)
+	case oci.PhaseImageDone:
+		if p.pullEnd != nil {
+			p.pullEnd()
+			p.pull, p.pullEnd = nil, nil
+		}
+	}
+}
+
+func (p *convertProgress) finish() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, end := range []func(){p.pullEnd, p.exportEnd} {
+		if end != nil {
+			end()
+		}
+	}
+	p.pull, p.pullEnd, p.export, p.exportEnd = nil, nil, nil, nil
+}
