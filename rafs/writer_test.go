@@ -415,3 +415,40 @@ func TestWriteBootstrapErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestWriteBootstrapPrefetch(t *testing.T) {
+	fx := newWriterFixture(t, BlockSizeBitsDefault)
+	var small, link *Node
+	for _, c := range fx.root.Children {
+		switch c.Name {
+		case "small":
+			small = c
+		case "link-to-contig":
+			link = c
+		}
+	}
+	var buf bytes.Buffer
+	opts := WriteOptions{ChunkSize: wtChunk, Compressor: CompressNone, Prefetch: []*Node{small, link}}
+	if _, err := WriteBootstrap(&buf, fx.root, fx.blobs, opts); err != nil {
+		t.Fatal(err)
+	}
+	boot := buf.Bytes()
+	var ext ExtSuperblock
+	ext.Decode(boot[ExtSuperblockOffset:])
+	if ext.PrefetchTableOffset != ext.BlobTableOffset+uint64(ext.BlobTableSize) || ext.PrefetchTableSize != 8 {
+		t.Fatalf("prefetch table at %d, %d bytes", ext.PrefetchTableOffset, ext.PrefetchTableSize)
+	}
+	_, nidSmall, _ := wtLookup(t, boot, "small")
+	_, nidContig, _ := wtLookup(t, boot, "contig")
+	got := []uint32{le.Uint32(boot[ext.PrefetchTableOffset:]), le.Uint32(boot[ext.PrefetchTableOffset+4:])}
+	if got[0] != uint32(nidSmall) || got[1] != uint32(nidContig) {
+		t.Errorf("prefetch nids %v, want [%d %d]", got, nidSmall, nidContig)
+	}
+	if _, err := NewImage(bytes.NewReader(boot), int64(len(boot))); err != nil {
+		t.Errorf("reader rejects a bootstrap with a prefetch table: %v", err)
+	}
+	opts.Prefetch = []*Node{{Name: "stranger", Mode: 0o100644}}
+	if _, err := WriteBootstrap(io.Discard, fx.root, fx.blobs, opts); err == nil {
+		t.Error("prefetch of a node outside the tree accepted")
+	}
+}
