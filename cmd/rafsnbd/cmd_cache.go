@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
@@ -26,8 +29,8 @@ func init() {
 		Usage: "list, trim and fill the local blob cache (lazily fetched blob data)",
 		Description: `rafsnbd can read blob data lazily, chunk by chunk, from a blob directory
 or an OCI registry, and keep what it read in a cache directory that
-survives restarts: per blob a sparse file of its uncompressed data, a
-chunk-ready map and the blob's layout. Every chunk is checked against its
+survives restarts: in DIR/blobcache, per blob a sparse file of its
+uncompressed data, a chunk-ready map and the blob's layout. Every chunk is checked against its
 digest (blake3 or sha256, from the bootstrap or the blob) before it is
 cached; tarfs blobs (plain layer tars) have no digests and are cached as
 fetched, in 1 MiB units. One process at a time uses a cache directory (it
@@ -69,14 +72,12 @@ blob. The cache must not be in use by another process.`,
 				ArgsUsage: "[PATH...]",
 				Description: `Fetches, verifies and caches the data of the files named by PATH (a
 directory stands for every file below it) and of the bootstrap's prefetch
-table, or of whole blobs with --all, so that a later serve reads nothing
-from the network. Blobs come from -D DIR or --registry REPO.`,
-				Flags: append(imageFlags(),
-					cacheDirFlag(),
-					&cli.StringFlag{Name: "registry", Usage: "read blobs from OCI repository `REPO` (host[:port]/path) by digest sha256:<blob id>"},
-					&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
-					&cli.BoolFlag{Name: "all", Usage: "fetch every blob whole"},
-				),
+table, or of whole blobs with --all (--prefetch-all), so that a later
+serve reads nothing from the network; --prefetch PATH adds to the PATH
+arguments. Blobs come from -D DIR or --registry REPO. Unlike a serve's
+background prefetch, fetch works in the foreground and fails on the first
+error.`,
+				Flags:  append(append(append(imageFlags(), cacheDirFlag()), blobSourceFlags()...), prefetchFlags()...),
 				Action: runCacheFetch,
 			},
 		},
@@ -84,15 +85,16 @@ from the network. Blobs come from -D DIR or --registry REPO.`,
 }
 
 func cacheDirFlag() cli.Flag {
-	return &cli.StringFlag{Name: "cache-dir", EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "blob cache `DIR` (created with mode 0750)"}
+	return &cli.StringFlag{Name: "cache-dir", EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "rafsnbd cache `DIR`; blob data lives in DIR/blobcache (created with mode 0750)"}
 }
 
+// cacheDir is the blob cache directory: blobcache/ under --cache-dir.
 func cacheDir(c *cli.Context) (string, error) {
 	dir := c.String("cache-dir")
 	if dir == "" {
 		return "", errors.New("no cache directory: give --cache-dir DIR (or set RAFSNBD_CACHE_DIR)")
 	}
-	return dir, nil
+	return filepath.Join(dir, blobCacheSubdir), nil
 }
 
 func runCacheLs(c *cli.Context) error {
@@ -223,20 +225,93 @@ func openBlobStore(c *cli.Context) (blobcache.Store, error) {
 	return nil, errors.New("no blob source: give -D BLOBDIR or --registry REPO")
 }
 
-// cachedBlobs opens an image's blobs through a cache: it is the
-// blockdev.BlobOpener for lazily fetched images. table is the bootstrap's
-// chunk table, where the chunk digests are.
+// blobCacheSubdir is where lazily fetched blob data lives under
+// --cache-dir, beside convert's blobs/, layers/ and images/, so that one
+// cache directory serves every rafsnbd command.
+const blobCacheSubdir = "blobcache"
+
+// blobSourceFlags say where blob bytes come from when not from -D: an OCI
+// registry, read lazily through the cache (the command also has
+// --cache-dir, and -B/-D from imageFlags).
+func blobSourceFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "registry", Usage: "read blobs from OCI repository `REPO` (host[:port]/path), blob sha256:<blob id>, through the cache"},
+		&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+	}
+}
+
+// prefetchFlags say what to fetch ahead of reads: the bootstrap's prefetch
+// table always, plus files by path, or everything.
+func prefetchFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.BoolFlag{Name: "prefetch-all", Aliases: []string{"all"}, Usage: "fetch every blob whole"},
+		&cli.StringSliceFlag{Name: "prefetch", Usage: "fetch the files under `PATH` (repeatable), besides the bootstrap's prefetch table"},
+	}
+}
+
+// cachedBlobs opens an image's blobs through the blob cache: it is the
+// blockdev.BlobOpener of lazily fetched images. Typical use:
+//
+//	cb, err := newCachedBlobs(cacheDir, store, ri.ChunkTable, logger(c))
+//	img, err := blockdev.Open(ctx, boot, cb)
+//	err = cb.prefetch(img.Rafs, c.Bool("prefetch-all"), c.StringSlice("prefetch"))
+//	... img.Close(); cb.Close()
 type cachedBlobs struct {
 	cache *blobcache.Cache
 	store blobcache.Store
-	table []rafs.ChunkInfo
+	table []rafs.ChunkInfo // the bootstrap chunk table: chunk digests
+
+	mu    sync.Mutex
+	blobs map[uint32]*blobcache.Blob // by blob index
 }
 
 var _ blockdev.BlobOpener = (*cachedBlobs)(nil)
 
-func (o *cachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry) (blockdev.BlobReader, error) {
-	return o.cache.OpenBlob(ctx, o.store, e, o.table)
+// newCachedBlobs opens (and locks) the blob cache under cacheRoot.
+func newCachedBlobs(cacheRoot string, store blobcache.Store, table []rafs.ChunkInfo, log *zerolog.Logger) (*cachedBlobs, error) {
+	cache, err := blobcache.Open(filepath.Join(cacheRoot, blobCacheSubdir), &blobcache.Options{Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	return &cachedBlobs{cache: cache, store: store, table: table, blobs: map[uint32]*blobcache.Blob{}}, nil
 }
+
+func (o *cachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry) (blockdev.BlobReader, error) {
+	b, err := o.cache.OpenBlob(ctx, o.store, e, o.table)
+	if err != nil {
+		return nil, err
+	}
+	o.mu.Lock()
+	o.blobs[e.BlobIndex] = b
+	o.mu.Unlock()
+	return b, nil
+}
+
+// prefetch starts background fetching of the bootstrap's prefetch table
+// and the files under paths, or of every blob with all.
+func (o *cachedBlobs) prefetch(img *rafs.Image, all bool, paths []string) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if all {
+		for _, b := range o.blobs {
+			b.PrefetchAll()
+		}
+		return nil
+	}
+	ranges, err := blobcache.PrefetchRanges(img, paths)
+	if err != nil {
+		return err
+	}
+	for bi, rs := range ranges {
+		if b := o.blobs[uint32(bi)]; b != nil {
+			b.Prefetch(rs...)
+		}
+	}
+	return nil
+}
+
+// Close closes the blobs still open and unlocks the cache.
+func (o *cachedBlobs) Close() error { return o.cache.Close() }
 
 func runCacheFetch(c *cli.Context) error {
 	log := logger(c)
@@ -258,11 +333,11 @@ func runCacheFetch(c *cli.Context) error {
 		return err
 	}
 	ranges := map[int][]blobcache.Range{}
-	if c.Bool("all") {
+	if c.Bool("prefetch-all") {
 		for i := range img.Blobs {
 			ranges[i] = []blobcache.Range{{Off: 0, Len: int64(img.Blobs[i].UncompressedSize)}}
 		}
-	} else if ranges, err = blobcache.PrefetchRanges(img, c.Args().Slice()); err != nil {
+	} else if ranges, err = blobcache.PrefetchRanges(img, append(c.Args().Slice(), c.StringSlice("prefetch")...)); err != nil {
 		return err
 	}
 	if len(ranges) == 0 {

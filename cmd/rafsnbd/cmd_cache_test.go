@@ -2,12 +2,20 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
+	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
+	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 func runCacheCmd(t *testing.T, args ...string) (string, error) {
@@ -83,5 +91,51 @@ func TestCacheCommands(t *testing.T) {
 	}
 	if _, err = runCacheCmd(t, "ls"); err == nil {
 		t.Error("ls without --cache-dir succeeded")
+	}
+}
+
+// TestCachedBlobsDevice composes the nydus fixture into the flat device
+// with its blob read through the cache (what serve and nbd do with a
+// cache): the device hash is the golden one of the fixture README, and a
+// second run with --prefetch-all semantics fetches nothing.
+func TestCachedBlobsDevice(t *testing.T) {
+	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
+	const deviceSHA = "817ff91aaaabde208168c2086395e3dbd75d89239d3ef79a84302aa38b2bf2e6"
+	root := t.TempDir()
+	for run := range 2 {
+		ri, err := rafs.Open(boot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cb, err := newCachedBlobs(root, localfs.New(filepath.Dir(boot)), ri.ChunkTable, nil)
+		ri.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := blockdev.Open(context.Background(), boot, cb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cb.prefetch(img.Rafs, run == 1, nil); err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.New()
+		if _, err := io.Copy(h, io.NewSectionReader(img, 0, img.Size())); err != nil {
+			t.Fatal(err)
+		}
+		if got := hex.EncodeToString(h.Sum(nil)); got != deviceSHA {
+			t.Errorf("run %d: device sha256 %s, want %s", run, got, deviceSHA)
+		}
+		st := cb.blobs[0].Stats()
+		if run == 1 && st.BackendReads != 0 {
+			t.Errorf("second run fetched %d times", st.BackendReads)
+		}
+		img.Close()
+		if err := cb.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, blobCacheSubdir, ".lock")); err != nil {
+		t.Errorf("blob cache not under %s: %v", blobCacheSubdir, err)
 	}
 }
