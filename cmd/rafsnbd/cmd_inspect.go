@@ -159,12 +159,14 @@ type inspectCounts struct {
 type inspectTreeEntry struct {
 	Path   string `json:"path"`
 	Nid    uint64 `json:"nid"`
-	Mode   string `json:"mode"`
+	Mode   string `json:"mode"`       // as ls -l shows it
+	Perm   string `json:"mode_octal"` // st_mode in octal, type bits included
 	UID    uint32 `json:"uid"`
 	GID    uint32 `json:"gid"`
 	Size   uint64 `json:"size"`
 	Mtime  string `json:"mtime"`
 	Target string `json:"target,omitempty"`
+	Rdev   string `json:"rdev,omitempty"` // "major,minor" of devices
 
 	modTime time.Time // for the fixed-width text column
 }
@@ -211,7 +213,8 @@ func inspectImage(img *rafs.Image, name string, tree bool) (*inspectReport, erro
 		cnt.Paths++
 		if tree {
 			r.Tree = append(r.Tree, inspectTreeEntry{
-				Path: p, Nid: e.Nid, Mode: e.FileMode().String(), UID: e.UID, GID: e.GID, Size: e.Size,
+				Path: p, Nid: e.Nid, Mode: lsMode(e.Mode), Perm: fmt.Sprintf("%06o", e.Mode), UID: e.UID, GID: e.GID, Size: e.Size,
+				Rdev:  rdevString(e),
 				Mtime: e.ModTime().UTC().Format(time.RFC3339Nano), Target: e.Target, modTime: e.ModTime().UTC(),
 			})
 		}
@@ -251,6 +254,55 @@ func inspectImage(img *rafs.Image, name string, tree bool) (*inspectReport, erro
 		return nil, err
 	}
 	return r, nil
+}
+
+// lsMode renders st_mode as ls -l does ("drwxr-xr-x", "-rwsr-xr-x").
+func lsMode(mode uint16) string {
+	b := []byte("?rwxrwxrwx")
+	switch mode & rafs.ModeTypeMask {
+	case rafs.ModeRegular:
+		b[0] = '-'
+	case rafs.ModeDir:
+		b[0] = 'd'
+	case rafs.ModeSymlink:
+		b[0] = 'l'
+	case rafs.ModeChar:
+		b[0] = 'c'
+	case rafs.ModeBlock:
+		b[0] = 'b'
+	case rafs.ModeFifo:
+		b[0] = 'p'
+	case rafs.ModeSocket:
+		b[0] = 's'
+	}
+	for i := range 9 {
+		if mode&(1<<(8-i)) == 0 {
+			b[1+i] = '-'
+		}
+	}
+	special := func(bit uint16, pos int, set, unset byte) {
+		if mode&bit != 0 {
+			if b[pos] == '-' {
+				b[pos] = unset
+			} else {
+				b[pos] = set
+			}
+		}
+	}
+	special(0o4000, 3, 's', 'S')
+	special(0o2000, 6, 's', 'S')
+	special(0o1000, 9, 't', 'T')
+	return string(b)
+}
+
+// rdevString is "major,minor" for devices (Linux encoding), else "".
+func rdevString(e *rafs.Entry) string {
+	if t := e.Mode & rafs.ModeTypeMask; t != rafs.ModeChar && t != rafs.ModeBlock {
+		return ""
+	}
+	major := (e.Rdev >> 8) & 0xFFF
+	minor := e.Rdev&0xFF | (e.Rdev>>12)&0xFFF00
+	return fmt.Sprintf("%d,%d", major, minor)
 }
 
 func formatUUID(u [16]byte) string {
@@ -380,7 +432,11 @@ func printInspect(out io.Writer, r *inspectReport) error {
 		if t.Target != "" {
 			link = " -> " + t.Target
 		}
-		fmt.Fprintf(tw, "%s\t %d:%d\t %d\t %s\t %s%s\n", t.Mode, t.UID, t.GID, t.Size, t.modTime.Format("2006-01-02 15:04:05.000000000"), t.Path, link)
+		size := fmt.Sprint(t.Size)
+		if t.Rdev != "" {
+			size = t.Rdev
+		}
+		fmt.Fprintf(tw, "%s\t %d:%d\t %s\t %s\t %s%s\n", t.Mode, t.UID, t.GID, size, t.modTime.Format("2006-01-02 15:04:05.000000000"), t.Path, link)
 	}
 	return tw.Flush()
 }

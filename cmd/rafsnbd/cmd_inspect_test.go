@@ -154,3 +154,15 @@ func TestInspectErrors(t *testing.T) {
 		t.Errorf("corrupt bootstrap: %v", err)
 	}
 }
+
+func TestLsMode(t *testing.T) {
+	for mode, want := range map[uint16]string{
+		0o040755: "drwxr-xr-x", 0o100644: "-rw-r--r--", 0o104755: "-rwsr-xr-x", 0o102700: "-rwx--S---", 0o102710: "-rwx--s---",
+		0o041777: "drwxrwxrwt", 0o041776: "drwxrwxrwT", 0o120777: "lrwxrwxrwx", 0o020666: "crw-rw-rw-",
+		0o060660: "brw-rw----", 0o010644: "prw-r--r--", 0o140755: "srwxr-xr-x",
+	} {
+		if got := lsMode(mode); got != want {
+			t.Errorf("lsMode(%#o) = %s, want %s", mode, got, want)
+		}
+	}
+}
