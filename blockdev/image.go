@@ -50,6 +50,16 @@ func Open(ctx context.Context, bootstrapPath string, blobs BlobOpener) (*Image, 
 	if err != nil {
 		return nil, err
 	}
+	img, err := OpenRafs(ctx, ri, blobs)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", bootstrapPath, err)
+	}
+	return img, nil
+}
+
+// OpenRafs is Open for a bootstrap already parsed; the Image takes ri over
+// and closes it.
+func OpenRafs(ctx context.Context, ri *rafs.Image, blobs BlobOpener) (*Image, error) {
 	img := &Image{Rafs: ri, closers: []io.Closer{ri}}
 	readers := make([]io.ReaderAt, len(ri.Blobs))
 	for i := range ri.Blobs {
@@ -62,13 +72,18 @@ func Open(ctx context.Context, bootstrapPath string, blobs BlobOpener) (*Image, 
 		img.closers = append(img.closers, r)
 		readers[i] = r
 	}
+	var err error
 	img.Composed, err = Compose(ri, ri.ReaderAt(), readers)
 	if err != nil {
 		img.Close()
-		return nil, fmt.Errorf("%s: %w", bootstrapPath, err)
+		return nil, err
 	}
 	return img, nil
 }
+
+// AddCloser makes Close also close c, after what the image already holds:
+// for resources the blobs depend on, such as the cache they came from.
+func (img *Image) AddCloser(c io.Closer) { img.closers = append(img.closers, c) }
 
 // sizer is implemented by blob readers that know their size.
 type sizer interface{ Size() int64 }

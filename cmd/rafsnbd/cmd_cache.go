@@ -77,7 +77,7 @@ serve reads nothing from the network; --prefetch PATH adds to the PATH
 arguments. Blobs come from -D DIR or --registry REPO. Unlike a serve's
 background prefetch, fetch works in the foreground and fails on the first
 error.`,
-				Flags:  append(append(append(imageFlags(), cacheDirFlag()), blobSourceFlags()...), prefetchFlags()...),
+				Flags:  append(imageFlags(), prefetchFlags()...),
 				Action: runCacheFetch,
 			},
 		},
@@ -250,12 +250,7 @@ func prefetchFlags() []cli.Flag {
 }
 
 // cachedBlobs opens an image's blobs through the blob cache: it is the
-// blockdev.BlobOpener of lazily fetched images. Typical use:
-//
-//	cb, err := newCachedBlobs(cacheDir, store, ri.ChunkTable, logger(c))
-//	img, err := blockdev.Open(ctx, boot, cb)
-//	err = cb.prefetch(img.Rafs, c.Bool("prefetch-all"), c.StringSlice("prefetch"))
-//	... img.Close(); cb.Close()
+// blockdev.BlobOpener of lazily fetched images (see openImage).
 type cachedBlobs struct {
 	cache *blobcache.Cache
 	store blobcache.Store

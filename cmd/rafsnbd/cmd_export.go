@@ -62,7 +62,7 @@ func runExport(c *cli.Context) error {
 	if c.IsSet("verity-compat") && !c.Bool("verity") {
 		return fmt.Errorf("--verity-compat needs --verity")
 	}
-	img, err := openImage(c)
+	img, err := openImage(c, false)
 	if err != nil {
 		return err
 	}

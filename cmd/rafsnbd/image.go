@@ -7,34 +7,77 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
+	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-// imageFlags are the flags that name a RAFS image: its bootstrap and where
-// its blobs are. Every command that composes an image takes them.
+// imageFlags are the flags that name a RAFS image and where its blob bytes
+// come from. Every command that composes an image takes them.
 func imageFlags() []cli.Flag {
-	return []cli.Flag{
+	return append([]cli.Flag{
 		&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Usage: "RAFS v6 bootstrap `FILE` (a layer's, or an image's merged one)"},
 		&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Usage: "`DIR` holding the blobs, one file per blob id (for tarfs: the layer tars)"},
-	}
+		cacheDirFlag(),
+	}, blobSourceFlags()...)
 }
 
 // haveImage reports whether the image flags were given.
 func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") }
 
 // openImage composes the image named by the image flags into a device.
-func openImage(c *cli.Context) (*blockdev.Image, error) {
-	boot, dir := c.String("bootstrap"), c.String("blob-dir")
+//
+// Without --cache-dir, blobs are read from -D directly (compressed blobs
+// are decompressed chunk by chunk as they are read). With --cache-dir, blob
+// bytes come from -D or --registry through the blob cache: fetched lazily,
+// verified against their chunk digests and kept across restarts; then
+// withPrefetch starts the background prefetch of the bootstrap's prefetch
+// table and of --prefetch/--prefetch-all.
+func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
+	log := logger(c)
+	boot, dir, cacheRoot := c.String("bootstrap"), c.String("blob-dir"), c.String("cache-dir")
 	if boot == "" {
-		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR)")
+		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR or --registry REPO)")
 	}
-	if dir == "" {
+	if c.String("registry") != "" && cacheRoot == "" {
+		return nil, errors.New("--registry reads blobs lazily into a cache: give --cache-dir DIR too")
+	}
+	if cacheRoot == "" && dir == "" {
 		return nil, fmt.Errorf("-B %s needs -D BLOBDIR: the directory holding its blobs", boot)
 	}
-	img, err := blockdev.Open(c.Context, boot, blockdev.LocalBlobs{Dir: dir})
+	ri, err := rafs.Open(boot)
 	if err != nil {
 		return nil, err
 	}
-	logger(c).Debug().Str("bootstrap", boot).Int("blobs", len(img.Rafs.Blobs)).
+	var img *blockdev.Image
+	if cacheRoot == "" {
+		img, err = blockdev.OpenRafs(c.Context, ri, blockdev.LocalBlobs{Dir: dir})
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", boot, err)
+		}
+	} else {
+		store, err := openBlobStore(c)
+		if err != nil {
+			ri.Close()
+			return nil, err
+		}
+		cb, err := newCachedBlobs(cacheRoot, store, ri.ChunkTable, log)
+		if err != nil {
+			ri.Close()
+			return nil, err
+		}
+		img, err = blockdev.OpenRafs(c.Context, ri, cb)
+		if err != nil {
+			cb.Close()
+			return nil, fmt.Errorf("%s: %w", boot, err)
+		}
+		img.AddCloser(cb)
+		if withPrefetch {
+			if err := cb.prefetch(img.Rafs, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
+				img.Close()
+				return nil, err
+			}
+		}
+	}
+	log.Debug().Str("bootstrap", boot).Int("blobs", len(img.Rafs.Blobs)).Bool("cached", cacheRoot != "").
 		Int64("size", img.Size()).Uint32("block_size", img.BlockSize()).Msg("image composed")
 	return img, nil
 }
