@@ -41,3 +41,40 @@ func (p *bufferPool) get(n int) *[]byte {
 func (p *bufferPool) put(b *[]byte) {
 	p.classes[bufferClass(cap(*b))].Put(b)
 }
+
+// bufferSize is the size of the buffer get returns for n bytes.
+func bufferSize(n int) int64 { return 1 << (bufferClass(n) + minBufferShift) }
+
+// byteBudget bounds the bytes of data buffers held at once, so that a client
+// that asks for many large reads and does not take the replies cannot make
+// the server hold more than the budget. acquire and release do not
+// allocate.
+type byteBudget struct {
+	mu    sync.Mutex
+	freed sync.Cond
+	avail int64
+}
+
+func newByteBudget(n int64) *byteBudget {
+	b := &byteBudget{avail: n}
+	b.freed.L = &b.mu
+	return b
+}
+
+// acquire waits until n bytes are available and takes them. n must not
+// exceed the budget's total.
+func (b *byteBudget) acquire(n int64) {
+	b.mu.Lock()
+	for b.avail < n {
+		b.freed.Wait()
+	}
+	b.avail -= n
+	b.mu.Unlock()
+}
+
+func (b *byteBudget) release(n int64) {
+	b.mu.Lock()
+	b.avail += n
+	b.mu.Unlock()
+	b.freed.Broadcast()
+}

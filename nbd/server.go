@@ -27,6 +27,13 @@ type Server struct {
 	// MaxConnections bounds concurrent connections; further ones are closed
 	// at once. 0 means 1024.
 	MaxConnections int
+	// MaxBufferedBytes bounds the data buffers all connections hold at once,
+	// on top of each connection's Transmission.MaxBufferedBytes, so that
+	// many clients that do not take their replies cannot exhaust memory;
+	// Transmission.WriteTimeout (60 s by default here) drops such clients
+	// and frees what they held. 0 means 512 MiB; it is raised to at least
+	// one largest request.
+	MaxBufferedBytes int64
 	// Transmission tunes every connection's engine. Its Logger is replaced
 	// by a per-connection child of Logger.
 	Transmission TransmissionOptions
@@ -55,11 +62,22 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}
 	opts := s.Transmission
 	opts.buffers = new(bufferPool) // shared by all connections
+	switch {
+	case opts.WriteTimeout == 0:
+		opts.WriteTimeout = 60 * time.Second
+	case opts.WriteTimeout < 0:
+		opts.WriteTimeout = 0
+	}
 	maxRequest := opts.MaxRequestSize
 	if maxRequest == 0 || maxRequest > MaxRequestSize {
 		maxRequest = MaxRequestSize
 	}
 	opts.MaxRequestSize = maxRequest
+	shared := s.MaxBufferedBytes
+	if shared <= 0 {
+		shared = 512 << 20
+	}
+	opts.shared = newByteBudget(max(shared, bufferSize(int(maxRequest))))
 
 	stopClosing := context.AfterFunc(ctx, func() { _ = l.Close() })
 	defer stopClosing()

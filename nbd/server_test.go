@@ -580,3 +580,111 @@ func TestServerMaxConnections(t *testing.T) {
 		t.Fatal("third connection was not closed")
 	}
 }
+
+// TestServerSharedBufferBudget: several clients that take no replies are
+// held together to the server-wide buffer budget.
+func TestServerSharedBufferBudget(t *testing.T) {
+	const clients, perClient, size, budget = 3, 40, 1 << 20, 4 << 20
+	dev := &countingDevice{memDevice: memDevice{data: randomBytes(8<<20, 25)}}
+	path, _, _ := startServer(t, &Server{
+		Exports:          []Export{{Name: "c", Device: dev}},
+		MaxBufferedBytes: budget,
+		Transmission:     TransmissionOptions{MaxRequestSize: size, Handlers: 64},
+	})
+	var conns []*rawClient
+	for range clients {
+		tc, _ := dial(t, path, clientFixedNewstyle|clientNoZeroes).goTransmission(t, "c")
+		var msg []byte
+		for i := range perClient {
+			msg = encodeRequest(msg, 0, cmdRead, uint64(i), uint64(i%8)*size, size)
+		}
+		if _, err := tc.conn.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, tc)
+	}
+	last := waitForStall(&dev.reads)
+	held := last
+	for _, tc := range conns {
+		held -= int64(queuedReplies(t, tc.conn, size))
+	}
+	t.Logf("%d reads served, %d held by the server", last, held)
+	if held > budget/size+clients {
+		t.Fatalf("server holds %d replies of 1 MiB for %d stalled clients; its budget is 4 MiB", held, clients)
+	}
+	// Now every client reads; each gets all its replies.
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for _, tc := range conns {
+		wg.Go(func() {
+			got := make([]byte, size)
+			for range perClient {
+				var h [replyHeaderSize]byte
+				if _, err := io.ReadFull(tc.br, h[:]); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := io.ReadFull(tc.br, got); err != nil {
+					errs <- err
+					return
+				}
+				off := (binary.BigEndian.Uint64(h[8:]) % 8) * size
+				if e := binary.BigEndian.Uint32(h[4:]); e != 0 || !bytes.Equal(got, dev.data[off:off+size]) {
+					errs <- fmt.Errorf("reply errno %d or wrong data", e)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestServerStalledReaderDropped: a client that asks for reads and never
+// takes the replies holds the whole shared budget until the write timeout
+// drops it; then another client is served.
+func TestServerStalledReaderDropped(t *testing.T) {
+	const size = 1 << 20
+	dev := &memDevice{data: randomBytes(8<<20, 26)}
+	path, _, _ := startServer(t, &Server{
+		Exports:          []Export{{Name: "s", Device: dev}},
+		MaxBufferedBytes: 2 * size,
+		Transmission:     TransmissionOptions{MaxRequestSize: size, WriteTimeout: 500 * time.Millisecond},
+	})
+	stalled, _ := dial(t, path, clientFixedNewstyle|clientNoZeroes).goTransmission(t, "s")
+	var msg []byte
+	for i := range 64 {
+		msg = encodeRequest(msg, 0, cmdRead, uint64(i), uint64(i%8)*size, size)
+	}
+	if _, err := stalled.conn.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the stall is established: replies stop arriving.
+	for last := -1; ; {
+		time.Sleep(200 * time.Millisecond)
+		q := queuedReplies(t, stalled.conn, size)
+		if q == last {
+			break
+		}
+		last = q
+	}
+	// The server holds the whole shared budget for the stalled client; the
+	// write timeout must free it for the next client.
+	start := time.Now()
+	good, _ := dial(t, path, clientFixedNewstyle|clientNoZeroes).goTransmission(t, "s")
+	checkBytes(t, good.read(t, 1, 0, size), dev.data[:size], "read after another client stalled")
+	t.Logf("served %v after the stall was seen", time.Since(start))
+	// The stalled client's connection was closed: after the replies the
+	// kernel had buffered, it reads EOF (or a reset), not our deadline.
+	_ = stalled.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := io.Copy(io.Discard, stalled.br)
+	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("stalled client: %v after %d bytes", err, n)
+	}
+	if n >= 64*size {
+		t.Fatalf("stalled client received all %d bytes: it was never stalled", n)
+	}
+}

@@ -30,12 +30,27 @@ type TransmissionOptions struct {
 	// DrainTimeout bounds how long replies to requests already read may take
 	// to reach the peer once ctx is cancelled. 0 means 10 s.
 	DrainTimeout time.Duration
+	// WriteTimeout ends the connection when the peer takes no reply bytes
+	// for this long, so that a peer that stops reading cannot hold buffers
+	// (and, under a Server, the shared budget) forever. 0 means no limit,
+	// right for the kernel, which always takes its replies; Server uses 60 s
+	// unless set (negative: no limit).
+	WriteTimeout time.Duration
+	// MaxBufferedBytes bounds the data buffers one connection holds at once
+	// (reads being served plus replies not yet taken by the peer), so a
+	// peer that asks for large reads and does not take the replies costs a
+	// bounded amount of memory. 0 means 64 MiB; it is raised to at least
+	// one largest request.
+	MaxBufferedBytes int64
 	// Logger receives device errors and connection diagnostics; nil is silent.
 	Logger *zerolog.Logger
 
 	// buffers is shared by all connections of a Server; nil gives the
 	// connection a pool of its own.
 	buffers *bufferPool
+	// shared, if set, is a budget every connection of a Server draws from
+	// in addition to its own.
+	shared *byteBudget
 }
 
 const (
@@ -44,6 +59,8 @@ const (
 	// socket) with one read system call.
 	readBufferSize = 64 << 10
 	defaultDrain   = 10 * time.Second
+	// defaultBufferedBytes is a connection's default MaxBufferedBytes.
+	defaultBufferedBytes = 64 << 20
 	// socketWriteBuffer is the send buffer asked for on the connection.
 	socketWriteBuffer = 4 << 20
 )
@@ -95,6 +112,8 @@ type engine struct {
 	size       uint64
 	maxRequest uint32
 	buffers    *bufferPool
+	budget     *byteBudget // this connection's buffered bytes
+	shared     *byteBudget // the server's, or nil
 	log        zerolog.Logger
 
 	free chan *request // idle slots; bounds requests in flight
@@ -115,9 +134,11 @@ type engine struct {
 	spare   []*request // the writer's batch; swapped with pending each round
 
 	// Writer-role state, reused so the hot path does not allocate.
-	writeErr error
-	iov      [][]byte
-	out      net.Buffers
+	writeTimeout  time.Duration
+	deadlineSetAt time.Time // when the write deadline was last pushed out
+	writeErr      error
+	iov           [][]byte
+	out           net.Buffers
 }
 
 var errDisconnect = errors.New("nbd: disconnect requested") // internal: DISC seen
@@ -139,6 +160,11 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	if buffers == nil {
 		buffers = new(bufferPool)
 	}
+	budget := opts.MaxBufferedBytes
+	if budget <= 0 {
+		budget = defaultBufferedBytes
+	}
+	budget = max(budget, bufferSize(int(maxRequest)))
 	log := zerolog.Nop()
 	if opts.Logger != nil {
 		log = *opts.Logger
@@ -161,12 +187,13 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	slots := 2 * handlers
 	e := &engine{
 		conn: conn, in: in, dev: dev, size: uint64(size), maxRequest: maxRequest,
-		buffers: buffers, log: log,
-		free:    make(chan *request, slots),
-		work:    make(chan *request, slots),
-		pending: make([]*request, 0, slots),
-		spare:   make([]*request, 0, slots),
-		iov:     make([][]byte, 0, 2*slots),
+		buffers: buffers, budget: newByteBudget(budget), shared: opts.shared, log: log,
+		writeTimeout: opts.WriteTimeout,
+		free:         make(chan *request, slots),
+		work:         make(chan *request, slots),
+		pending:      make([]*request, 0, slots),
+		spare:        make([]*request, 0, slots),
+		iov:          make([][]byte, 0, 2*slots),
 	}
 	for range slots {
 		e.free <- new(request)
@@ -281,19 +308,39 @@ func (e *engine) readError(err error, partial int) error {
 // serveRead reads one request's data into a pooled buffer. Only a complete
 // read is a success; anything else fails this request with EIO.
 func (e *engine) serveRead(r *request) {
-	buf := e.buffers.get(r.length)
+	buf := e.takeBuffer(r.length)
 	data := (*buf)[:r.length]
 	n, err := readFully(e.dev, data, r.offset)
 	if n == len(data) {
 		r.buf = buf // io.ReaderAt may return io.EOF with a full buffer
 		return
 	}
-	e.buffers.put(buf)
+	e.dropBuffer(buf)
 	r.setError(errIO)
 	if err == nil {
 		err = io.ErrShortBuffer
 	}
 	e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
+}
+
+// takeBuffer returns a pooled buffer for n bytes once the connection's (and
+// the server's) budget allows it.
+func (e *engine) takeBuffer(n int) *[]byte {
+	size := bufferSize(n)
+	e.budget.acquire(size)
+	if e.shared != nil {
+		e.shared.acquire(size)
+	}
+	return e.buffers.get(n)
+}
+
+func (e *engine) dropBuffer(b *[]byte) {
+	size := int64(cap(*b))
+	e.buffers.put(b)
+	if e.shared != nil {
+		e.shared.release(size)
+	}
+	e.budget.release(size)
 }
 
 // readFully calls ReadAt, turning a panic in the device into an error so one
@@ -334,6 +381,15 @@ func (e *engine) queue(r *request) {
 // Only the writer role calls it.
 func (e *engine) send(batch []*request) {
 	if e.writeErr == nil {
+		if e.writeTimeout > 0 && !e.cancelled.Load() {
+			// Pushing the deadline out costs a timer update, so do it only
+			// when a quarter of the timeout has gone by: every write still
+			// gets at least three quarters of it.
+			if now := time.Now(); now.Sub(e.deadlineSetAt) > e.writeTimeout/4 {
+				_ = e.conn.SetWriteDeadline(now.Add(e.writeTimeout))
+				e.deadlineSetAt = now
+			}
+		}
 		iov := e.iov[:0]
 		for _, r := range batch {
 			iov = append(iov, r.reply[:])
@@ -354,7 +410,7 @@ func (e *engine) send(batch []*request) {
 	}
 	for _, r := range batch {
 		if r.buf != nil {
-			e.buffers.put(r.buf)
+			e.dropBuffer(r.buf)
 			r.buf = nil
 		}
 		e.free <- r

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 )
 
@@ -431,4 +433,75 @@ func TestServeTransmissionOutOfOrder(t *testing.T) {
 	close(dev.release)
 	c.expectReply(t, 0, 100)
 	checkBytes(t, c.data(t, 4096), dev.data[:4096], "the stuck read")
+}
+
+// countingDevice counts reads that reached the device.
+type countingDevice struct {
+	memDevice
+	reads atomic.Int64
+}
+
+func (d *countingDevice) ReadAt(p []byte, off int64) (int, error) {
+	d.reads.Add(1)
+	return d.memDevice.ReadAt(p, off)
+}
+
+// TestServeTransmissionBufferBudget: a peer that asks for many large reads
+// and takes no replies makes the server hold at most the connection's buffer
+// budget; the rest of the requests wait, and all are answered once the peer
+// reads.
+func TestServeTransmissionBufferBudget(t *testing.T) {
+	const n, size, budget = 100, 1 << 20, 4 << 20
+	dev := &countingDevice{memDevice: memDevice{data: randomBytes(8<<20, 14)}}
+	c, _ := startEngine(t, context.Background(), dev, TransmissionOptions{Handlers: 64, MaxBufferedBytes: budget, MaxRequestSize: size})
+	var msg []byte
+	for i := range n {
+		msg = encodeRequest(msg, 0, cmdRead, uint64(i), uint64(i%8)*size, size)
+	}
+	if _, err := c.conn.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	last := waitForStall(&dev.reads)
+	held := last - int64(queuedReplies(t, c.conn, size))
+	t.Logf("%d reads served, %d held by the server", last, held)
+	if held > budget/size+1 {
+		t.Fatalf("server holds %d replies of 1 MiB while the peer takes none; budget is 4 MiB", held)
+	}
+	if last == n {
+		t.Fatalf("all %d reads were served without the peer reading: the test proves nothing", n)
+	}
+	for range n {
+		errno, cookie := c.reply(t)
+		if errno != 0 {
+			t.Fatalf("cookie %d: errno %d", cookie, errno)
+		}
+		off := (cookie % 8) * size
+		checkBytes(t, c.data(t, size), dev.data[off:off+size], "budgeted read")
+	}
+}
+
+// waitForStall waits until a counter stops moving and returns its value.
+func waitForStall(counter *atomic.Int64) int64 {
+	last := int64(-1)
+	for counter.Load() != last {
+		last = counter.Load()
+		time.Sleep(200 * time.Millisecond)
+	}
+	return last
+}
+
+// queuedReplies counts the whole replies of size bytes waiting in conn's
+// receive queue: those are the kernel's memory, not the server's.
+func queuedReplies(t testing.TB, conn net.Conn, size int) int {
+	t.Helper()
+	raw, err := conn.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var queued int
+	var ioctlErr error
+	if err := raw.Control(func(fd uintptr) { queued, ioctlErr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil || ioctlErr != nil {
+		t.Fatalf("SIOCINQ: %v %v", err, ioctlErr)
+	}
+	return queued / (size + replyHeaderSize)
 }
