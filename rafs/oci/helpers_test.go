@@ -220,9 +220,16 @@ func freePort(t testing.TB) string {
 // host:port.
 func startRegistry(t testing.TB) string {
 	t.Helper()
+	addr, _ := startRegistryDir(t)
+	return addr
+}
+
+// startRegistryDir also returns the registry's storage directory.
+func startRegistryDir(t testing.TB) (addr, data string) {
+	t.Helper()
 	bin := testutil.RequireTool(t, "docker-registry")
 	dir := t.TempDir()
-	addr := freePort(t)
+	addr = freePort(t)
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: warn
@@ -259,7 +266,7 @@ http:
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return addr
+				return addr, filepath.Join(dir, "data")
 			}
 		}
 		if time.Now().After(deadline) {

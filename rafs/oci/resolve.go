@@ -134,7 +134,7 @@ func resolveImage(ctx context.Context, src source, platform *v1.Platform, lim li
 	}
 	rc, err := src.blob(ctx, m.Config.Digest)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("oci: %s: config: %w", what, err)
 	}
 	cfgRaw, err := readLimited(rc, lim.config)
 	rc.Close()

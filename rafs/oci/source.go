@@ -150,17 +150,21 @@ func (s *registrySource) get(ctx context.Context, url, accept string) (*http.Res
 }
 
 func (s *registrySource) fetchManifest(ctx context.Context, id string, limit int64) ([]byte, types.MediaType, error) {
+	what := s.ref.Context().String() + ":" + id
+	if strings.Contains(id, ":") {
+		what = s.ref.Context().String() + "@" + id
+	}
 	resp, err := s.get(ctx, s.url("manifests", id), manifestAccept)
 	if err != nil {
-		return nil, "", fmt.Errorf("oci: manifest %s@%s: %w", s.ref.Context(), id, err)
+		return nil, "", fmt.Errorf("oci: manifest %s: %w", what, err)
 	}
 	defer resp.Body.Close()
 	if resp.ContentLength > limit {
-		return nil, "", fmt.Errorf("oci: manifest %s@%s: %d bytes exceed the %d-byte limit", s.ref.Context(), id, resp.ContentLength, limit)
+		return nil, "", fmt.Errorf("oci: manifest %s: %d bytes exceed the %d-byte limit", what, resp.ContentLength, limit)
 	}
 	raw, err := readLimited(resp.Body, limit)
 	if err != nil {
-		return nil, "", fmt.Errorf("oci: manifest %s@%s: %w", s.ref.Context(), id, err)
+		return nil, "", fmt.Errorf("oci: manifest %s: %w", what, err)
 	}
 	mt := types.MediaType(strings.TrimSpace(strings.Split(resp.Header.Get("Content-Type"), ";")[0]))
 	return raw, mt, nil
