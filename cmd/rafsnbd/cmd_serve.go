@@ -23,10 +23,13 @@ func init() {
 		Name:      "serve",
 		Usage:     "serve disks read-only to NBD network clients (qemu, nbdinfo, nbdcopy, nbdfuse, nbd-client)",
 		ArgsUsage: " ",
-		Description: `Serves one or more flat disk files (EROFS images such as 'rafsnbd export'
-writes) as named, read-only NBD exports until interrupted. Clients speak the
+		Description: `Serves an image composed from its bootstrap and blobs (-B/-D, optionally
+lazily through --cache-dir, from -D or --registry), and any number of flat
+disk files (EROFS images such as 'rafsnbd export' writes), as named,
+read-only NBD exports until interrupted. Clients speak the
 fixed-newstyle NBD protocol; no kernel NBD driver is needed on this side.
 
+  rafsnbd serve --listen unix:/tmp/nbd.sock -B image.boot -D blobs/
   rafsnbd serve --listen unix:/tmp/nbd.sock --disk image.disk
   nbdinfo --list 'nbd+unix:///?socket=/tmp/nbd.sock'
   nbdcopy 'nbd+unix:///image?socket=/tmp/nbd.sock' copy.disk
@@ -41,14 +44,14 @@ NBD has no authentication or encryption here, so by default only a unix
 socket or a loopback address is accepted; binding any other address needs
 --allow-remote. SIGINT or SIGTERM stops accepting, lets every client's
 in-flight reads finish, and exits 0.`,
-		Flags: []cli.Flag{
+		Flags: append(append(imageFlags(), prefetchFlags()...),
 			&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
 			&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
-			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME` of the matching --disk (repeatable)"},
+			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: the -B image's, then each --disk's (repeatable)"},
 			&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
 			&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
 			&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a pprof CPU profile of the whole run to `FILE` (for scripts/bench-nbd.sh)"},
-		},
+		),
 		Action: runServe,
 	})
 }
@@ -106,9 +109,9 @@ func runServe(c *cli.Context) error {
 }
 
 // serveExports turns the command's flags into exports, and returns what
-// closes them. It is the one place that knows where exports come from: flat
-// disk files today; images composed from a bootstrap and blobs by package
-// blockdev can be appended here.
+// closes them. It is the one place that knows where exports come from: an
+// image composed from its bootstrap and blobs (-B/-D, first), then flat
+// disk files (--disk). --name flags name them in that order.
 func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 	var exports []nbd.Export
 	var closers []func() error
@@ -125,10 +128,29 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 	}
 
 	disks, names := c.StringSlice("disk"), c.StringSlice("name")
-	if len(names) > len(disks) {
-		return fail(fmt.Errorf("%d --name flags for %d --disk flags", len(names), len(disks)))
+	sources := make([]string, 0, len(disks)+1) // what each export serves, for messages
+	if haveImage(c) {
+		img, err := openImage(c, true)
+		if err != nil {
+			return fail(err)
+		}
+		closers = append(closers, img.Close)
+		boot := c.String("bootstrap")
+		name := strings.TrimSuffix(filepath.Base(boot), filepath.Ext(boot))
+		if len(names) > 0 {
+			name, names = names[0], names[1:]
+		}
+		exports = append(exports, nbd.Export{
+			Name:        name,
+			Description: "RAFS image " + boot,
+			Device:      img,
+			BlockSize:   img.BlockSize(),
+		})
+		sources = append(sources, boot)
 	}
-	sources := make([]string, 0, len(disks)) // what each export serves, for messages
+	if len(names) > len(disks) {
+		return fail(fmt.Errorf("too many --name flags: one per image and --disk"))
+	}
 	for i, path := range disks {
 		name := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
 		if i < len(names) {
@@ -144,7 +166,7 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 	}
 
 	if len(exports) == 0 {
-		return fail(errors.New("nothing to serve: give --disk FILE"))
+		return fail(errors.New("nothing to serve: give -B BOOTSTRAP -D BLOBDIR, or --disk FILE"))
 	}
 	seen := map[string]string{}
 	for i, e := range exports {
