@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
 # Times `rafsnbd verity format` against `veritysetup format` (the reference
 # and the judge) on random data held in the page cache, for 4 KiB and 512 B
-# data blocks, and prints the median of RUNS runs of each and the speed-up.
+# data blocks, and prints the median wall and CPU time of RUNS runs of each
+# and the wall-time speed-up. Load from other processes hurts rafsnbd (which
+# uses every core) more than veritysetup (one core): quote figures from a
+# quiet machine, with the load the script prints.
 # Both write the tree to a separate file; their roots and trees must be
 # identical or the script fails.
 #
 #   scripts/bench-verity.sh            # 1 GiB, 3 runs
 #   SIZE_MIB=256 RUNS=5 scripts/bench-verity.sh
+#   RAFSNBD=/path/to/rafsnbd scripts/bench-verity.sh   # skip the go build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE_MIB="${SIZE_MIB:-1024}"
 RUNS="${RUNS:-3}"
 command -v veritysetup >/dev/null || { echo "veritysetup not found (apt-get install cryptsetup-bin)" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "/usr/bin/time not found (apt-get install time)" >&2; exit 1; }
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/bench-verity.XXXXXX")
 trap 'rm -rf "$dir"' EXIT
-go build -o "$dir/rafsnbd" ./cmd/rafsnbd
+if [ -n "${RAFSNBD:-}" ]; then
+  cp "$RAFSNBD" "$dir/rafsnbd" # a binary built elsewhere
+else
+  go build -o "$dir/rafsnbd" ./cmd/rafsnbd
+fi
 head -c "${SIZE_MIB}M" /dev/urandom >"$dir/data"
 cat "$dir/data" >/dev/null # into the page cache
 
-# elapsed_ms CMD...: wall time of one run in milliseconds, output discarded.
-elapsed_ms() {
-  local start end
-  start=$(date +%s%N)
-  timeout 300 "$@" >/dev/null 2>&1
-  end=$(date +%s%N)
-  echo $(((end - start) / 1000000))
+# measure CMD...: "wall_ms cpu_ms" of one run (cpu = user + sys, which load
+# from other processes disturbs less than wall time); output discarded.
+measure() {
+  local t
+  t=$(mktemp "$dir/time.XXXXXX")
+  timeout 300 /usr/bin/time -o "$t" -f '%e %U %S' "$@" >/dev/null 2>&1
+  awk '{printf "%d %d\n", $1 * 1000, ($2 + $3) * 1000}' "$t"
+  rm -f "$t"
 }
 
 median() { sort -n | sed -n "$(((RUNS + 1) / 2))p"; }
@@ -34,7 +44,7 @@ median() { sort -n | sed -n "$(((RUNS + 1) / 2))p"; }
 root_of() { "$@" 2>/dev/null | awk '/^Root hash:/ {print $3}'; }
 
 echo "data: ${SIZE_MIB} MiB random, page-cached; $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg); median of ${RUNS}"
-printf '%-10s %14s %14s %8s\n' "block" "veritysetup" "rafsnbd" "speed-up"
+printf '%-6s      %9s %9s %7s       %9s %9s\n' "block" "vsetup" "rafsnbd" "ratio" "vsetup" "rafsnbd"
 for bs in 4096 512; do
   vs=(veritysetup format --no-superblock --format=1 --hash=sha256 --data-block-size="$bs"
     --hash-block-size=4096 --salt=- "$dir/data" "$dir/vs.hash")
@@ -50,14 +60,18 @@ for bs in 4096 512; do
   fi
 
   # Interleave the runs so that load from elsewhere hits both alike.
-  vs_times=() our_times=()
+  vs_wall=() vs_cpu=() our_wall=() our_cpu=()
   for _ in $(seq "$RUNS"); do
-    vs_times+=("$(elapsed_ms "${vs[@]}")")
-    our_times+=("$(elapsed_ms "${ours[@]}")")
+    read -r w c < <(measure "${vs[@]}")
+    vs_wall+=("$w") vs_cpu+=("$c")
+    read -r w c < <(measure "${ours[@]}")
+    our_wall+=("$w") our_cpu+=("$c")
   done
-  t_vs=$(printf '%s\n' "${vs_times[@]}" | median)
-  t_ours=$(printf '%s\n' "${our_times[@]}" | median)
-  printf '%-10s %12.3f s %12.3f s %7.2fx   (runs: veritysetup %s ms; rafsnbd %s ms)\n' "$bs B" \
-    "$(echo "$t_vs / 1000" | bc -l)" "$(echo "$t_ours / 1000" | bc -l)" "$(echo "$t_vs / $t_ours" | bc -l)" \
-    "${vs_times[*]}" "${our_times[*]}"
+  w_vs=$(printf '%s\n' "${vs_wall[@]}" | median)
+  w_ours=$(printf '%s\n' "${our_wall[@]}" | median)
+  c_vs=$(printf '%s\n' "${vs_cpu[@]}" | median)
+  c_ours=$(printf '%s\n' "${our_cpu[@]}" | median)
+  printf '%-6s wall %7.3f s %7.3f s %6.2fx   cpu %7.3f s %7.3f s   (wall runs ms: veritysetup %s; rafsnbd %s)\n' "$bs" \
+    "$(echo "$w_vs / 1000" | bc -l)" "$(echo "$w_ours / 1000" | bc -l)" "$(echo "$w_vs / $w_ours" | bc -l)" \
+    "$(echo "$c_vs / 1000" | bc -l)" "$(echo "$c_ours / 1000" | bc -l)" "${vs_wall[*]}" "${our_wall[*]}"
 done
