@@ -262,6 +262,7 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer unlock()
+	removeTemps(c.imageDir(img.manifestDigest.Hex), ".") // an interrupted run's leftovers
 
 	rec, ok := cv.imageDone(img)
 	if ok {
@@ -290,7 +291,6 @@ func (cv *converter) convertImage(ctx context.Context, img *image, res *Result) 
 	if err := os.MkdirAll(dir, cacheDirMode); err != nil {
 		return nil, fmt.Errorf("oci: %w", err)
 	}
-	removeTemps(dir, ".") // leftovers of an interrupted run of this image
 
 	start := time.Now()
 	res.Layers = make([]LayerResult, len(img.layers))

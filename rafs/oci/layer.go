@@ -113,13 +113,14 @@ func (cv *converter) convertLayer(ctx context.Context, l layerDesc) (*LayerResul
 	}
 	defer unlock()
 
+	staging := cv.cache.stagingDir(id)
 	if size, ok := cv.layerDone(id); ok {
+		os.RemoveAll(staging) // a run stopped right after publishing
 		res.Reused, res.TarSize = true, size
 		cv.report(Progress{Layer: l.index, Digest: res.Digest, Phase: PhaseReused, Done: l.size, Total: l.size})
 		return res, nil
 	}
 
-	staging := cv.cache.stagingDir(id)
 	if err := os.RemoveAll(staging); err != nil { // an interrupted run's leftovers
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}

@@ -29,7 +29,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -83,8 +82,7 @@ func main() {
 	check(err)
 	for _, t := range tars {
 		blob, mt := compress(t, *compression)
-		l, err := tarball.LayerFromFile(blob, tarball.WithMediaType(mt))
-		check(err)
+		l := &fileLayer{blob: blob, tar: t, mt: mt, digest: fileHash(blob), diffID: fileHash(t)}
 		img, err = mutate.Append(img, mutate.Addendum{Layer: l, MediaType: mt})
 		check(err)
 	}
@@ -110,6 +108,36 @@ func main() {
 		check(remote.Write(ref, img))
 		fmt.Printf("%s %s\n", ref.Name(), d)
 	}
+}
+
+// fileLayer is a layer whose blob and tar are files; unlike tarball's
+// layers it can be uncompressed (blob == tar).
+type fileLayer struct {
+	blob, tar      string
+	mt             types.MediaType
+	digest, diffID v1.Hash
+}
+
+func (l *fileLayer) Digest() (v1.Hash, error)             { return l.digest, nil }
+func (l *fileLayer) DiffID() (v1.Hash, error)             { return l.diffID, nil }
+func (l *fileLayer) Compressed() (io.ReadCloser, error)   { return os.Open(l.blob) }
+func (l *fileLayer) Uncompressed() (io.ReadCloser, error) { return os.Open(l.tar) }
+func (l *fileLayer) MediaType() (types.MediaType, error)  { return l.mt, nil }
+func (l *fileLayer) Size() (int64, error) {
+	st, err := os.Stat(l.blob)
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+func fileHash(p string) v1.Hash {
+	f, err := os.Open(p)
+	check(err)
+	defer f.Close()
+	h, _, err := v1.SHA256(f)
+	check(err)
+	return h
 }
 
 // compress writes the compressed blob of a tar next to it.
