@@ -19,6 +19,8 @@ import (
 // tarfsBlockSize is the EROFS block size of tarfs images: tar's own.
 const tarfsBlockSize = 512
 
+const pageSize = 4096
+
 // FromTar builds a tarfs image of the tar read through r: the tar itself
 // becomes the blob (copied, reflinked or hard-linked into opts.BlobDir as
 // <sha256 of the tar>, or opts.BlobID) and the bootstrap, written to
@@ -137,7 +139,7 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 // indexTar reads the tar's headers into a tree; regular files record the
 // offset of their data.
 func indexTar(ctx context.Context, r io.ReaderAt, size int64) (*pathTree, error) {
-	src := &headerReader{r: r, size: size, buf: make([]byte, 2048)}
+	src := &headerReader{r: r, size: size, buf: make([]byte, 2*pageSize)}
 	tr := tar.NewReader(src)
 	t := newPathTree()
 	prev, end := "", int64(0) // last entry and the end of its data
@@ -290,8 +292,9 @@ func paxXattrs(recs map[string]string) map[string][]byte {
 
 // headerReader feeds archive/tar from an io.ReaderAt. archive/tar skips
 // file data by seeking and then reads only the last byte of the data and
-// of the padding, so a small window read at that spot usually also holds
-// the next header: one read per entry, and no file data.
+// of the padding, so a window of two pages read at that spot usually also
+// holds the next header: one read per entry (or fewer, for small files),
+// and at most those two pages of a file's data.
 type headerReader struct {
 	r      io.ReaderAt
 	size   int64
@@ -317,14 +320,17 @@ func (h *headerReader) Read(p []byte) (int, error) {
 			}
 			return n, err
 		}
-		n, err := h.r.ReadAt(h.buf[:min(int64(len(h.buf)), h.size-h.off)], h.off)
-		if n == 0 {
+		// Whole pages: the page cache hands out pages anyway, and a page
+		// often holds several small entries.
+		start := h.off &^ (pageSize - 1)
+		n, err := h.r.ReadAt(h.buf[:min(int64(len(h.buf)), h.size-start)], start)
+		if int64(n) <= h.off-start {
 			if err == nil || errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
 			return 0, err
 		}
-		h.bufOff, h.bufLen = h.off, n
+		h.bufOff, h.bufLen = start, n
 	}
 	n := copy(p, h.buf[h.off-h.bufOff:h.bufLen])
 	h.off += int64(n)
