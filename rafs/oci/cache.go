@@ -99,19 +99,20 @@ func (c *cache) lock(ctx context.Context, kind, key string, waiting func()) (unl
 func freeBytes(dir string) (int64, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
-		return 0, fmt.Errorf("oci: statfs %s: %w", dir, err)
+		return 0, fmt.Errorf("statfs %s: %w", dir, err)
 	}
 	return int64(st.Bavail) * st.Bsize, nil
 }
 
-// needSpace fails unless dir has want bytes plus the reserve free.
+// needSpace fails unless dir has want bytes plus the reserve free. Its
+// errors are for the caller to prefix.
 func needSpace(dir string, want, reserve int64, what string) error {
 	free, err := freeBytes(dir)
 	if err != nil {
 		return err
 	}
 	if free < want+reserve {
-		return fmt.Errorf("oci: %s needs %s but %s has %s free (keeping %s in reserve)",
+		return fmt.Errorf("%s needs %s but %s has %s free (keeping %s in reserve)",
 			what, byteSize(want), dir, byteSize(free), byteSize(reserve))
 	}
 	return nil
@@ -137,7 +138,7 @@ func (w *spaceWatcher) Write(p []byte) (int, error) {
 			return 0, err
 		}
 		if free < w.reserve+int64(len(p)) {
-			return 0, fmt.Errorf("oci: %s has only %s free (keeping %s in reserve)", w.dir, byteSize(free), byteSize(w.reserve))
+			return 0, fmt.Errorf("%s has only %s free (keeping %s in reserve)", w.dir, byteSize(free), byteSize(w.reserve))
 		}
 	}
 	return w.f.Write(p)

@@ -323,7 +323,7 @@ func (cv *converter) convertImage(ctx context.Context, img *image, res *Result) 
 		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
 	}
 	if err := needSpace(dir, int64(merged.Len()), cv.opts.ReserveBytes, "the image bootstrap"); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
 	}
 	if err := writeFileAtomic(res.Bootstrap, merged.Bytes()); err != nil {
 		return nil, fmt.Errorf("oci: writing %s: %w", res.Bootstrap, err)
@@ -418,8 +418,8 @@ func (cv *converter) exportDisk(ctx context.Context, kind, boot, diffID, path, m
 		eo.Verity = &p
 		want = int64(p.HashOffset + p.TreeSize())
 	}
-	if err := needSpace(filepath.Dir(path), want, cv.opts.ReserveBytes, "the export "+base); err != nil {
-		return nil, err
+	if err := needSpace(filepath.Dir(path), want, cv.opts.ReserveBytes, "the export"); err != nil {
+		return nil, fmt.Errorf("oci: export %s: %w", path, err)
 	}
 	start := time.Now()
 	er, err := blockdev.Export(ctx, dev, path, eo)

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/internal/treecmp"
@@ -236,25 +238,39 @@ func TestConvertLayerMode(t *testing.T) {
 	}
 }
 
-// TestConvertZstd: a zstd image with the same tars converts to the same
-// bootstrap and disk bytes as the gzip one (same diff_ids, same tars).
-func TestConvertZstd(t *testing.T) {
+// TestConvertMediaTypes: zstd, uncompressed and Docker (schema 2, in a
+// manifest list) images of the same tars convert to the same bootstrap and
+// disk bytes as the gzip OCI one: same diff_ids, same tars.
+func TestConvertMediaTypes(t *testing.T) {
 	tars := ociTestLayers(t)
-	var gz, zs []v1.Layer
+	var gz, zs, none, docker []v1.Layer
 	for _, tb := range tars {
 		gz = append(gz, newLayer(t, tb, "gzip"))
 		zs = append(zs, newLayer(t, tb, "zstd"))
+		none = append(none, newLayer(t, tb, "none"))
+		docker = append(docker, newLayer(t, tb, "docker-gzip"))
 	}
 	dir := t.TempDir()
 	layoutDir := writeLayout(t, filepath.Join(dir, "layout"), "gzip", newImage(t, gz...))
 	writeLayout(t, layoutDir, "zstd", newImage(t, zs...))
+	writeLayout(t, layoutDir, "none", newImage(t, none...))
+	dockerImg := mutate.ConfigMediaType(mutate.MediaType(newImage(t, docker...), types.DockerManifestSchema2), types.DockerConfigJSON)
+	list := mutate.IndexMediaType(mutateIndex(t, map[string]v1.Image{DefaultPlatform(): dockerImg}), types.DockerManifestList)
+	writeLayoutIndex(t, layoutDir, "docker", list)
+
 	a := convertT(t, "oci:"+layoutDir+":gzip", Options{CacheDir: filepath.Join(dir, "a"), Export: ExportImage})
-	b := convertT(t, "oci:"+layoutDir+":zstd", Options{CacheDir: filepath.Join(dir, "b"), Export: ExportImage})
-	if a.ManifestDigest == b.ManifestDigest {
-		t.Fatal("the two images have one manifest")
+	var b *Result
+	for _, tag := range []string{"zstd", "none", "docker"} {
+		b = convertT(t, "oci:"+layoutDir+":"+tag, Options{CacheDir: filepath.Join(dir, tag), Export: ExportImage})
+		if a.ManifestDigest == b.ManifestDigest {
+			t.Fatalf("%s: the images have one manifest", tag)
+		}
+		if fileSHA256(t, a.Bootstrap) != fileSHA256(t, b.Bootstrap) || fileSHA256(t, a.Exports[0].Path) != fileSHA256(t, b.Exports[0].Path) {
+			t.Errorf("%s and gzip images of the same tars convert to different bytes", tag)
+		}
 	}
-	if fileSHA256(t, a.Bootstrap) != fileSHA256(t, b.Bootstrap) || fileSHA256(t, a.Exports[0].Path) != fileSHA256(t, b.Exports[0].Path) {
-		t.Error("zstd and gzip images of the same tars convert to different bytes")
+	if b.ManifestDigest != digestOf(t, dockerImg).String() {
+		t.Errorf("from the manifest list: %s, want %s", b.ManifestDigest, digestOf(t, dockerImg))
 	}
 	// The merged bootstrap has one tarfs blob per layer, named by diff_id.
 	ri, err := rafs.Open(b.Bootstrap)

@@ -335,3 +335,13 @@ func TestHostileManifests(t *testing.T) {
 	expectError(t, "oci:"+layoutDir+":nope", Options{CacheDir: cache}, "no such manifest", "ok")
 	checkNothingDone(t, cache)
 }
+
+// TestConvertNoSpace: a conversion that would eat into the reserve stops
+// before writing and says why.
+func TestConvertNoSpace(t *testing.T) {
+	dir := t.TempDir()
+	cache := filepath.Join(dir, "cache")
+	layoutDir := writeLayout(t, filepath.Join(dir, "layout"), "v1", newImage(t, newLayer(t, makeTar(t, tFile("a", "a")), "gzip")))
+	expectError(t, "oci:"+layoutDir+":v1", Options{CacheDir: cache, ReserveBytes: 1 << 60}, "layer 0", "the layer needs 94 B but", "free (keeping 1073741824.0 GiB in reserve)")
+	checkNothingDone(t, cache)
+}
