@@ -1,7 +1,6 @@
 package rafs
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"math/bits"
@@ -23,6 +22,7 @@ type Image struct {
 	Size          int64        // bootstrap size in bytes
 
 	r        io.ReaderAt
+	cache    *metaCache // recently read pages of r
 	closer   io.Closer
 	metaBase uint64 // byte offset of nid 0: meta_blkaddr * BlockSize
 	maxNid   uint64 // largest nid whose 32-byte slot lies inside the bootstrap
@@ -87,7 +87,7 @@ func (img *Image) Close() error {
 // and chunk table, and the root inode. Violations are reported as
 // *FormatError.
 func NewImage(r io.ReaderAt, size int64) (*Image, error) {
-	img := &Image{r: r, Size: size}
+	img := &Image{r: r, Size: size, cache: newMetaCache(r, size)}
 	if size < MetaAlign {
 		return nil, formatErr(0, "bootstrap", "size", uint64(max(size, 0)), "smaller than one 4 KiB block")
 	}
@@ -168,14 +168,10 @@ func (img *Image) read(off, n uint64, strct, field string) ([]byte, error) {
 	if n == 0 {
 		return buf, nil
 	}
-	got, err := img.r.ReadAt(buf, int64(off))
-	if got == len(buf) {
-		return buf, nil
+	if err := img.cache.readAt(buf, int64(off)); err != nil {
+		return nil, fmt.Errorf("rafs: reading %s %s at offset %d: %w", strct, field, off, err)
 	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return nil, fmt.Errorf("rafs: reading %s %s at offset %d: %w", strct, field, off, err)
+	return buf, nil
 }
 
 func (img *Image) checkSuperblock() error {

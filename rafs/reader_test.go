@@ -1,13 +1,17 @@
 package rafs
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
@@ -321,5 +325,46 @@ func BenchmarkLookupSnapshotter(b *testing.B) {
 		if _, err := img.Lookup("/usr/lib/x86_64-linux-gnu/perl-base/unicore/lib/XIDS/Y.pl"); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// The metadata page cache returns the underlying bytes for reads at any
+// offset and length, across page boundaries, under eviction and
+// concurrency.
+func TestMetaCache(t *testing.T) {
+	data := make([]byte, 2<<20+1000) // more pages than the cache holds, a short last page
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	c := newMetaCache(bytes.NewReader(data), int64(len(data)))
+	var wg sync.WaitGroup
+	errs := make(chan string, 4)
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(g), 5))
+			for range 5000 {
+				n := r.IntN(3 * metaPageSize)
+				if g == 0 {
+					n = r.IntN(8 * metaPageSize) // some bypass the cache
+				}
+				off := r.Int64N(int64(len(data) - n + 1))
+				buf := make([]byte, n)
+				if err := c.readAt(buf, off); err != nil || !bytes.Equal(buf, data[off:off+int64(n)]) {
+					errs <- fmt.Sprintf("readAt(%d, %d): %v or wrong bytes", off, n, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	if c.lru.Len() > metaCachePages || len(c.pages) != c.lru.Len() {
+		t.Errorf("cache holds %d pages (%d in the map), limit %d", c.lru.Len(), len(c.pages), metaCachePages)
 	}
 }
