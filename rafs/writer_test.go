@@ -452,3 +452,72 @@ func TestWriteBootstrapPrefetch(t *testing.T) {
 		t.Error("prefetch of a node outside the tree accepted")
 	}
 }
+
+// TestWriteBootstrapKernelTwoBlobs mounts a flat device of two blobs: each
+// blob's chunks must land at its own mapped_blkaddr.
+func TestWriteBootstrapKernelTwoBlobs(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "mount", "umount")
+	for _, bsBits := range []uint8{BlockSizeBitsDefault, BlockSizeBitsTarfs} {
+		t.Run(fmt.Sprint(1<<bsBits), func(t *testing.T) {
+			bs := 1 << bsBits
+			var spaces [2][]byte
+			var blobs []BlobInfo
+			root := &Node{Mode: 0o040755}
+			for bi := range 2 {
+				data := bytes.Repeat([]byte{byte('a' + bi)}, 3*wtChunk+bi*1000+17)
+				for i := range data {
+					data[i] += byte(i / 4096)
+				}
+				var idx []ChunkIndex
+				var infos []ChunkInfo
+				for k := 0; k*wtChunk < len(data); k++ {
+					c := data[k*wtChunk : min((k+1)*wtChunk, len(data))]
+					idx = append(idx, NewChunkIndex(bi, uint32(k), uint32(k*wtChunk/bs)))
+					infos = append(infos, ChunkInfo{Digest: sha256.Sum256(c), UncompressedSize: uint32(len(c)), UncompressedOffset: uint64(k * wtChunk), Index: uint32(k)})
+				}
+				spaces[bi] = append(data, make([]byte, int(wrRoundUp(int64(len(data)), 4096))-len(data))...)
+				n := uint32(len(infos))
+				blobs = append(blobs, BlobInfo{ID: fmt.Sprintf("%064d", bi), Chunks: infos, Entry: BlobEntry{
+					ChunkCount: n, Features: BlobFeatureAligned, CompressedSize: uint64(len(spaces[bi])), UncompressedSize: uint64(len(spaces[bi])),
+					CICompressedSize: uint64(16 * n), CIUncompressedSize: uint64(16 * n),
+				}})
+				root.Children = append(root.Children, &Node{Name: fmt.Sprintf("file%d", bi), Mode: 0o100644, Size: uint64(len(data)), Chunks: idx})
+			}
+			var buf bytes.Buffer
+			res, err := WriteBootstrap(&buf, root, blobs, WriteOptions{BlockSizeBits: bsBits, ChunkSize: wtChunk})
+			if err != nil {
+				t.Fatal(err)
+			}
+			flat := buf.Bytes()
+			for bi, s := range res.Slots {
+				at := int(s.MappedBlkAddr) << bsBits
+				if at < len(flat) || at%(512<<10) != 0 {
+					t.Fatalf("blob %d mapped at byte %d, after %d bytes", bi, at, len(flat))
+				}
+				flat = append(flat, make([]byte, at-len(flat))...)
+				flat = append(flat, spaces[bi][:int(s.Blocks)<<bsBits]...)
+			}
+			dir := t.TempDir()
+			img := filepath.Join(dir, "flat.img")
+			if err := os.WriteFile(img, flat, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			mnt := filepath.Join(dir, "mnt")
+			if err := os.Mkdir(mnt, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command("mount", "-t", "erofs", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
+				t.Fatalf("mount: %v: %s", err, out)
+			}
+			t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+			for bi := range 2 {
+				got, err := os.ReadFile(filepath.Join(mnt, fmt.Sprintf("file%d", bi)))
+				want := spaces[bi][:root.Children[bi].Size]
+				if err != nil || !bytes.Equal(got, want) {
+					t.Errorf("file%d: %d bytes, %v; want %d bytes", bi, len(got), err, len(want))
+				}
+			}
+		})
+	}
+}
