@@ -375,7 +375,17 @@ func TestSynthImages(t *testing.T) {
 func checkSynth(t *testing.T, img *Image, blob []byte, opts synthOpts, nodes []synthNode) {
 	t.Helper()
 	bs := uint64(img.BlockSize)
-	fsys := img.FS([]io.ReaderAt{bytes.NewReader(blob)})
+	var br io.ReaderAt = bytes.NewReader(blob)
+	if opts.tarfs {
+		// A tarfs blob is its own uncompressed space: the pass-through
+		// reader serves it.
+		chunks, err := ReadBlobChunks(br, &img.Blobs[0])
+		if err != nil || chunks != nil {
+			t.Fatalf("tarfs ReadBlobChunks = %v, %v", chunks, err)
+		}
+		br = NewUncompressedReader(br, &img.Blobs[0], nil)
+	}
+	fsys := img.FS([]io.ReaderAt{br})
 	byPath := map[string]*synthNode{}
 	for i := range nodes {
 		byPath["/"+nodes[i].path] = &nodes[i]

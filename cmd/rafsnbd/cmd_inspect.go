@@ -43,7 +43,7 @@ the metadata: it exits non-zero, naming the structure, field and byte
 offset, on the first violation. Blob data is not read.`,
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
-			&cli.BoolFlag{Name: "tree", Usage: "also list every path (mode, uid:gid, size, mtime, link target)"},
+			&cli.BoolFlag{Name: "tree", Usage: "also list every path (mode, uid:gid, size or major,minor, mtime, link target)"},
 		},
 		Action: runInspect,
 	})
