@@ -345,6 +345,7 @@ func synthTree() []synthNode {
 		{path: "big", mode: ModeRegular | 0o644, data: big},
 		{path: "link", mode: ModeSymlink | 0o777, target: "etc/compact"},
 		{path: "abs", mode: ModeSymlink | 0o777, target: "/etc"},
+		{path: "loop", mode: ModeSymlink | 0o777, target: "../loop/x"},
 		{path: "many", mode: ModeDir | 0o1777, xattrs: []Xattr{{Name: "user.dir", Value: []byte("x")}}},
 	}
 	for i := range 400 {
@@ -453,6 +454,12 @@ func checkSynth(t *testing.T, img *Image, blob []byte, opts synthOpts, nodes []s
 		if _, err := fs.Stat(fsys, p); err != nil {
 			t.Errorf("Stat(%s): %v", p, err)
 		}
+	}
+	if _, err := img.Lookup("/loop/y"); err == nil || !strings.Contains(err.Error(), "too many levels of symbolic links") {
+		t.Errorf("Lookup through a symlink loop: %v", err)
+	}
+	if _, err := fs.Stat(fsys, "loop/y"); err == nil {
+		t.Error("Stat through a symlink loop succeeded")
 	}
 	if _, err := fs.Stat(fsys, "many/file-with-a-longish-name-0400"); err == nil {
 		t.Error("Stat of a missing name in a multi-block directory succeeded")
