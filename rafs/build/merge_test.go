@@ -472,3 +472,37 @@ func scanImage(t *testing.T, img *rafs.Image, blobs []io.ReaderAt) map[string]*t
 	}
 	return out
 }
+
+// BenchmarkMerge merges three layers of 10,000 files each (the upper ones
+// replacing and whiting out a share of the base).
+func BenchmarkMerge(b *testing.B) {
+	dir := b.TempDir()
+	var boots []string
+	for l := range 3 {
+		var ents []tarEntry
+		for i := range 10000 {
+			name := fmt.Sprintf("usr/share/pkg%03d/file%05d", i%100, i)
+			switch {
+			case l > 0 && i%7 == 0:
+				ents = append(ents, mergeFile(fmt.Sprintf("usr/share/pkg%03d/.wh.file%05d", i%100, i), ""))
+			case l == 0 || i%5 == 0:
+				ents = append(ents, mergeFile(name, fmt.Sprint("layer ", l, " file ", i)))
+			}
+		}
+		var boot bytes.Buffer
+		if _, err := FromTar(context.Background(), bytes.NewReader(makeTar(b, ents...)), &boot, DefaultOptions(dir)); err != nil {
+			b.Fatal(err)
+		}
+		p := filepath.Join(dir, fmt.Sprint(l, ".boot"))
+		if err := os.WriteFile(p, boot.Bytes(), 0o644); err != nil {
+			b.Fatal(err)
+		}
+		boots = append(boots, p)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := MergeFiles(context.Background(), boots, io.Discard, MergeOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
