@@ -14,9 +14,10 @@ build:
 test:
 	scripts/test.sh
 
-# The main job on the built-in example.
+# The main job on the built-in example: a directory build, then an OCI image.
 run:
 	scripts/example.sh
+	scripts/example-oci.sh
 
 # Go benchmarks, then the scripts that measure against peer tools.
 bench: build
