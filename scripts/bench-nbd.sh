@@ -12,7 +12,8 @@
 # Alongside, the server process's CPU time (user+system, from /proc) for each
 # measurement: CPU seconds per nbdcopy and CPU microseconds per 4 KiB read,
 # which stay meaningful when other jobs load the machine and skew wall times.
-# The file is read once first so every server reads from the page cache.
+# The file is read before every measurement so every server reads from the
+# page cache.
 # Needs: go, nbdkit, nbdcopy (libnbd-bin), fio, jq. Kills only what it starts.
 set -euo pipefail
 
@@ -91,6 +92,9 @@ echo "machine idle before the run: $(vmstat 1 2 | tail -1 | awk '{print $15}')% 
 declare -A COPY COPYCPU QD1 QD1CPU QD32 QD32CPU
 for run in $(seq "$RUNS"); do
 	for s in "${SERVERS[@]}"; do
+		# Other jobs on the machine may drop caches; re-warm before each
+		# server's turn (a no-op when the file is still cached).
+		cat "$W/disk.img" >/dev/null
 		c0=$(cpu_ticks "${PID[$s]}")
 		start=$(date +%s.%N)
 		nbdcopy "$(uri "$s")" null:
@@ -98,9 +102,11 @@ for run in $(seq "$RUNS"); do
 		c1=$(cpu_ticks "${PID[$s]}")
 		COPY[$s]+="$(echo "$end - $start" | bc) "
 		COPYCPU[$s]+="$(echo "scale=3; ($c1 - $c0) / $TICK" | bc) "
+		cat "$W/disk.img" >/dev/null
 		read -r iops cpu < <(fio_run "$s" 1)
 		QD1[$s]+="$iops "
 		QD1CPU[$s]+="$cpu "
+		cat "$W/disk.img" >/dev/null
 		read -r iops cpu < <(fio_run "$s" 32)
 		QD32[$s]+="$iops "
 		QD32CPU[$s]+="$cpu "
