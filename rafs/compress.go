@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 
 	"github.com/klauspost/compress/gzip"
@@ -33,9 +34,11 @@ var (
 
 func sharedZstdEncoder() *zstd.Encoder {
 	zstdEncoderOnce.Do(func() {
-		// Errors are impossible with these constant options.
+		// Errors are impossible with these options. EncodeAll takes one of
+		// the encoder's concurrency slots per call, so the builder's
+		// parallel workers need one slot each.
 		zstdEncoder, _ = zstd.NewWriter(nil,
-			zstd.WithEncoderConcurrency(1),
+			zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
 			zstd.WithEncoderLevel(zstd.SpeedDefault),
 			zstd.WithZeroFrames(true))
 	})
