@@ -34,7 +34,7 @@ type Entry struct {
 	Mode      uint16 // st_mode: ModeTypeMask bits and permissions
 	UID, GID  uint32
 	Size      uint64
-	Mtime     uint64 // seconds; the superblock's build time for compact inodes
+	Mtime     uint64 // seconds; for compact inodes the build time plus the inode's delta
 	MtimeNsec uint32
 	Nlink     uint32
 	Rdev      uint32  // character and block devices only
@@ -139,7 +139,11 @@ func (img *Image) Inode(nid uint64) (*Entry, error) {
 		Size: ino.Size, Mtime: ino.Mtime, MtimeNsec: ino.MtimeNsec, Nlink: ino.Nlink,
 	}
 	if !ino.Extended() {
-		e.Mtime, e.MtimeNsec = img.Superblock.BuildTime, img.Superblock.BuildTimeNsec
+		// Compact inodes carry a 32-bit mtime delta at byte 12 (formerly
+		// reserved; RAFS writes 0) that the kernel adds to the build time
+		// (checked by mounting on 6.18; erofs-utils 1.5 ignores it).
+		e.Mtime = img.Superblock.BuildTime + uint64(le.Uint32(b[12:]))
+		e.MtimeNsec = img.Superblock.BuildTimeNsec
 	}
 	if ino.Format&^0xF != 0 {
 		return nil, formatErr(off, s, "i_format", ino.Format, "unknown format bits")

@@ -33,6 +33,12 @@ type synthNode struct {
 	link    string // hard link to this earlier path (other fields ignored)
 }
 
+// The build time compact inodes' mtimes are relative to.
+const (
+	synthBuildTime     = 1_500_000_000
+	synthBuildTimeNsec = 77
+)
+
 type synthOpts struct {
 	tarfs      bool  // 512-byte blocks, TARFS_MODE, blob = raw bytes
 	chunkBits  uint8 // per-inode chunk format bits
@@ -282,6 +288,9 @@ func buildSynth(t testing.TB, opts synthOpts, nodes []synthNode) (boot, blob []b
 		if err := ino.Encode(buf); err != nil {
 			t.Fatal(err)
 		}
+		if n.compact {
+			put32(buf, 12, uint32(n.mtime)) // mtime delta from the build time
+		}
 		p := off
 		copy(boot[p:], buf[:ino.SizeOnDisk()])
 		p += uint64(ino.SizeOnDisk())
@@ -300,6 +309,7 @@ func buildSynth(t testing.TB, opts synthOpts, nodes []synthNode) (boot, blob []b
 	usize := uint64(len(blob))
 	sb := Superblock{Magic: ErofsMagic, FeatureCompat: FeatureCompatRafsV6, BlkSzBits: bsBits,
 		RootNid: uint16(byPath[""].nid), Inos: uint64(len(order)), Blocks: uint32(usize / bs),
+		BuildTime: synthBuildTime, BuildTimeNsec: synthBuildTimeNsec,
 		MetaBlkAddr: uint32(metaBase / bs), FeatureIncompat: FeatureIncompatRafsV6, ExtraDevices: 1, DevtSlotOff: DevtSlotOff}
 	sb.Encode(boot[SuperblockOffset:])
 	flags := uint64(FlagCompressionNone | FlagHashBlake3 | FlagExplicitUIDGID | FlagHasXattr)
@@ -338,7 +348,7 @@ func synthTree() []synthNode {
 				{Name: "trusted.overlay.opaque", Value: []byte("y")},
 				{Name: "system.posix_acl_access", Value: []byte{2, 0, 0, 0}},
 			}},
-		{path: "etc/compact", mode: ModeRegular | 0o644, compact: true, uid: 7, gid: 8, data: []byte("compact inode\n")},
+		{path: "etc/compact", mode: ModeRegular | 0o644, compact: true, uid: 7, gid: 8, mtime: 5, data: []byte("compact inode\n")},
 		{path: "etc/hardlink", link: "etc/compact"},
 		{path: "etc/empty", mode: ModeRegular | 0o600},
 		{path: "etc/setuid", mode: ModeRegular | 0o4755, data: []byte("#!/bin/true\n")},
@@ -412,7 +422,7 @@ func checkSynth(t *testing.T, img *Image, blob []byte, opts synthOpts, nodes []s
 		}
 		wantMtime, wantNsec := n.mtime, n.nsec
 		if n.compact {
-			wantMtime, wantNsec = 0, 0 // the superblock's build time
+			wantMtime, wantNsec = synthBuildTime+n.mtime, synthBuildTimeNsec
 		}
 		if e.Mode != n.mode || e.UID != n.uid || e.GID != n.gid || e.Mtime != wantMtime || e.MtimeNsec != wantNsec ||
 			e.Rdev != n.rdev || e.Target != n.target || e.Inode.Extended() == n.compact {
