@@ -20,7 +20,8 @@ import (
 // Open, Stat and ReadDir report them with fs.ModeSymlink, and reading an
 // opened symlink yields its target. Symlinks in intermediate elements are
 // resolved inside the image. Directories are listed without "." and "..".
-// FileInfo.Sys returns the *Entry.
+// FileInfo.Sys returns the *Entry. Names that are not valid UTF-8 (legal
+// in EROFS) are listed but cannot be opened: io/fs paths are UTF-8.
 func (img *Image) FS(blobs []io.ReaderAt) fs.FS {
 	return &imageFS{img: img, blobs: blobs}
 }
