@@ -102,7 +102,7 @@ func Scan(root string, opts Options) (map[string]*Entry, error) {
 			inodes[key] = append(inodes[key], rel)
 		}
 		if !opts.IgnoreXattrs {
-			if e.Xattrs, err = xattrs(path, prefixes); err != nil {
+			if e.Xattrs, err = Xattrs(path, prefixes); err != nil {
 				return err
 			}
 		}
@@ -210,7 +210,9 @@ func fileSHA256(path string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-func xattrs(path string, prefixes []string) (map[string]string, error) {
+// Xattrs returns the extended attributes of path (not following a
+// symlink) whose names start with one of prefixes, or all with nil.
+func Xattrs(path string, prefixes []string) (map[string]string, error) {
 	size, err := unix.Llistxattr(path, nil)
 	if errors.Is(err, unix.ENOTSUP) || size == 0 {
 		return nil, nil
@@ -225,7 +227,7 @@ func xattrs(path string, prefixes []string) (map[string]string, error) {
 	}
 	out := map[string]string{}
 	for _, name := range strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00") {
-		keep := false
+		keep := prefixes == nil
 		for _, p := range prefixes {
 			keep = keep || strings.HasPrefix(name, p)
 		}

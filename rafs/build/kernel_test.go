@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsnbd/rafsnbd/internal/testtree"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
@@ -40,10 +41,10 @@ func sourceTree(t *testing.T) string {
 			srcErr = err.Error()
 			return
 		}
-		// makeTestTree reports through t; a failure here fails this test
+		// testtree.Make reports through t; a failure here fails this test
 		// and leaves srcDir unusable for the others.
 		srcErr = "test tree creation failed in an earlier test"
-		srcCount = makeTestTree(t, srcDir)
+		srcCount = testtree.Make(t, srcDir)
 		srcErr = ""
 	})
 	if srcErr != "" {
@@ -142,7 +143,7 @@ func TestKernelTarfs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeTarOf(t, src, tf)
+	testtree.WriteTar(t, src, tf)
 	if err := tf.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +199,7 @@ func TestReproducible(t *testing.T) {
 
 	var tars [2]bytes.Buffer
 	for i := range tars {
-		writeTarOf(t, src, &tars[i])
+		testtree.WriteTar(t, src, &tars[i])
 	}
 	var tboots [2]bytes.Buffer
 	for i := range tars {

@@ -1,4 +1,7 @@
-package build
+// Package testtree makes the realistic source trees the end-to-end tests
+// build images from: everything a container rootfs can hold, a few
+// thousand entries, deterministic contents and timestamps.
+package testtree
 
 import (
 	"archive/tar"
@@ -15,12 +18,14 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsnbd/rafsnbd/internal/treecmp"
 )
 
-// makeTestTree fills dir with everything a container rootfs can hold
+// Make fills dir with everything a container rootfs can hold
 // (about 2,700 entries) and returns the number of entries. Needs root for
 // devices, ownership and trusted./security. xattrs.
-func makeTestTree(t *testing.T, dir string) int {
+func Make(t testing.TB, dir string) int {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(1, 2))
 	random := func(n int) []byte {
@@ -223,7 +228,7 @@ func makeTestTree(t *testing.T, dir string) int {
 	return len(created)
 }
 
-func makeSocket(t *testing.T, path string) {
+func makeSocket(t testing.TB, path string) {
 	t.Helper()
 	// Socket paths are limited to 108 bytes: bind somewhere short, then
 	// move the socket into place.
@@ -245,9 +250,9 @@ func makeSocket(t *testing.T, path string) {
 	}
 }
 
-// writeTarOf writes a PAX tar of dir (sorted, "./" first, hard links as
+// WriteTar writes a PAX tar of dir (sorted, "./" first, hard links as
 // link entries, xattrs as SCHILY.xattr records, sockets left out) to w.
-func writeTarOf(t *testing.T, dir string, w io.Writer) {
+func WriteTar(t testing.TB, dir string, w io.Writer) {
 	t.Helper()
 	tw := tar.NewWriter(w)
 	firstName := make(map[uint64]string)
@@ -268,7 +273,11 @@ func writeTarOf(t *testing.T, dir string, w io.Writer) {
 			ModTime: time.Unix(st.Mtim.Sec, st.Mtim.Nsec),
 			Format:  tar.FormatPAX,
 		}
-		if x := xattrMap(t, path); len(x) > 0 {
+		x, err := treecmp.Xattrs(path, nil)
+		if err != nil {
+			return err
+		}
+		if len(x) > 0 {
 			hdr.PAXRecords = make(map[string]string)
 			for k, v := range x {
 				hdr.PAXRecords["SCHILY.xattr."+k] = v
@@ -317,16 +326,4 @@ func writeTarOf(t *testing.T, dir string, w io.Writer) {
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func xattrMap(t *testing.T, p string) map[string]string {
-	m, err := readXattrs(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = string(v)
-	}
-	return out
 }
