@@ -13,7 +13,6 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -23,106 +22,11 @@ import (
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
+	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 )
-
-// startRegistry runs Debian's docker-registry (distribution 2.8) on a free
-// loopback port with storage in a temp dir, and returns host:port.
-func startRegistry(t *testing.T) string {
-	t.Helper()
-	bin := testutil.RequireTool(t, "docker-registry")
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	dir := t.TempDir()
-	cfg := fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s/data
-  delete:
-    enabled: true
-http:
-  addr: %s
-`, dir, addr)
-	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		logf.Close()
-	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return addr
-			}
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "log"))
-			t.Fatalf("docker-registry on %s did not come up: %v\n%s", addr, err, log)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// pushBlob uploads a blob with the monolithic POST + PUT of the
-// distribution API.
-func pushBlob(t *testing.T, addr, repo, id string, data []byte) {
-	t.Helper()
-	resp, err := http.Post("http://"+addr+"/v2/"+repo+"/blobs/uploads/", "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("starting upload: %s", resp.Status)
-	}
-	loc, err := url.Parse(resp.Header.Get("Location"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, _ := url.Parse("http://" + addr + "/")
-	loc = base.ResolveReference(loc)
-	q := loc.Query()
-	q.Set("digest", "sha256:"+id)
-	loc.RawQuery = q.Encode()
-	req, err := http.NewRequest(http.MethodPut, loc.String(), bytes.NewReader(data))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/octet-stream")
-	resp, err = http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusCreated {
-		t.Fatalf("pushing blob %s: %s %s", id, resp.Status, body)
-	}
-}
 
 // proxy is a reverse proxy in front of the registry that counts the body
 // bytes it relays and can inject faults into blob requests whose Range
@@ -304,7 +208,7 @@ func writeTree(t testing.TB, dir string, seed uint64) map[string][]byte {
 // bootstrap, the source files, the local blob and the proxy.
 func registryImage(t *testing.T, comp rafs.Compressor) (*rafs.Image, map[string][]byte, []byte, *proxy, string) {
 	t.Helper()
-	addr := startRegistry(t)
+	addr := testregistry.Start(t)
 	src, blobDir := t.TempDir(), t.TempDir()
 	files := writeTree(t, src, 1)
 	var boot bytes.Buffer
@@ -326,7 +230,7 @@ func registryImage(t *testing.T, comp rafs.Compressor) (*rafs.Image, map[string]
 		t.Fatal(err)
 	}
 	const repo = "rafsnbd/test"
-	pushBlob(t, addr, repo, res.Blobs[0].ID, data)
+	testregistry.PushBlob(t, addr, repo, res.Blobs[0].ID, data)
 	return img, files, data, newProxy(t, addr), repo
 }
 
