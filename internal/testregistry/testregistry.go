@@ -19,15 +19,24 @@ import (
 )
 
 // Start runs Debian's docker-registry (distribution 2.8) on a free
-// loopback port with storage in a temp dir, and returns host:port.
+// loopback port with storage in a temp dir until the test ends, and
+// returns host:port.
 func Start(t testing.TB) string {
+	t.Helper()
+	addr, _ := StartDir(t)
+	return addr
+}
+
+// StartDir is Start that also returns the registry's storage directory,
+// for tests that damage what it stores.
+func StartDir(t testing.TB) (addr, data string) {
 	t.Helper()
 	bin := testutil.RequireTool(t, "docker-registry")
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := l.Addr().String()
+	addr = l.Addr().String()
 	l.Close()
 	dir := t.TempDir()
 	cfg := fmt.Sprintf(`version: 0.1
@@ -66,7 +75,7 @@ http:
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return addr
+				return addr, filepath.Join(dir, "data")
 			}
 		}
 		if time.Now().After(deadline) {

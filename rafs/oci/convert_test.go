@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/internal/treecmp"
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -133,7 +134,7 @@ func TestConvertMatchesUmoci(t *testing.T) {
 	layoutDir := writeLayout(t, filepath.Join(dir, "layout"), "v1", img)
 	reference := umociUnpack(t, layoutDir, "v1")
 
-	reg := startRegistry(t)
+	reg := testregistry.Start(t)
 	ref := reg + "/test/oci:v1"
 	pushImage(t, ref, img)
 

@@ -21,6 +21,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 )
 
@@ -159,7 +160,7 @@ func stagedTarOver(cache string, n int64) bool {
 // that the next run completes with the bytes a clean conversion gives.
 func TestConvertKilled(t *testing.T) {
 	testutil.SkipShort(t)
-	reg := startRegistry(t)
+	reg := testregistry.Start(t)
 	img := crashImage(t, 6)
 	pushImage(t, reg+"/crash/img:v1", img)
 	slow := throttledRegistry(t, reg, 12<<20) // ~1.5 s of download for 18 MiB
@@ -237,7 +238,7 @@ func TestConvertKilled(t *testing.T) {
 // both succeed with the same result; one waits for the other.
 func TestConvertConcurrentCLI(t *testing.T) {
 	testutil.SkipShort(t)
-	reg := startRegistry(t)
+	reg := testregistry.Start(t)
 	pushImage(t, reg+"/conc/img:v1", crashImage(t, 2))
 	ref := throttledRegistry(t, reg, 8<<20) + "/conc/img:v1"
 	cache := filepath.Join(t.TempDir(), "cache")

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -214,67 +213,6 @@ func freePort(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
-}
-
-// startRegistry runs docker-registry until the test ends and returns its
-// host:port.
-func startRegistry(t testing.TB) string {
-	t.Helper()
-	addr, _ := startRegistryDir(t)
-	return addr
-}
-
-// startRegistryDir also returns the registry's storage directory.
-func startRegistryDir(t testing.TB) (addr, data string) {
-	t.Helper()
-	bin := testutil.RequireTool(t, "docker-registry")
-	dir := t.TempDir()
-	addr = freePort(t)
-	cfg := fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s/data
-  delete:
-    enabled: true
-http:
-  addr: %s
-`, dir, addr)
-	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		logf.Close()
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return addr, filepath.Join(dir, "data")
-			}
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "log"))
-			t.Fatalf("docker-registry on %s did not come up: %v\n%s", addr, err, log)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func pushImage(t testing.TB, ref string, img v1.Image) {

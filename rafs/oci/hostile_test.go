@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -237,7 +238,7 @@ func TestHostileLayerDigestMismatch(t *testing.T) {
 // TestHostileRegistryCorruption: a registry serving bytes that are not the
 // blob it names (storage corrupted behind its back).
 func TestHostileRegistryCorruption(t *testing.T) {
-	reg, storage := startRegistryDir(t)
+	reg, storage := testregistry.StartDir(t)
 	layer := newLayer(t, makeTar(t, tFile("data", strings.Repeat("registry", 5000))), "gzip")
 	ref := reg + "/corrupt/img:v1"
 	pushImage(t, ref, newImage(t, layer))
