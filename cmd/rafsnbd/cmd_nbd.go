@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -106,10 +107,11 @@ func openNBDSource(c *cli.Context) (*nbdSource, error) {
 	return openDiskSource(path)
 }
 
-// openImageSource composes the image named by -B/-D. The backend id names
-// the bootstrap's absolute path, so a restarted server finds its device.
+// openImageSource composes the image named by -B/-D or --image. The
+// backend id names the bootstrap's absolute path or the image reference, so
+// a restarted server finds its device.
 func openImageSource(c *cli.Context) (*nbdSource, error) {
-	abs, err := filepath.Abs(c.String("bootstrap"))
+	id, _, err := imageIdentity(c)
 	if err != nil {
 		return nil, err
 	}
@@ -120,8 +122,8 @@ func openImageSource(c *cli.Context) (*nbdSource, error) {
 	return &nbdSource{
 		device:    img,
 		blockSize: int64(img.BlockSize()),
-		backendID: "rafsnbd:image:" + abs,
-		describe:  abs,
+		backendID: id,
+		describe:  strings.TrimPrefix(id, "rafsnbd:"),
 		close:     img.Close,
 	}, nil
 }

@@ -135,18 +135,20 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 			return fail(err)
 		}
 		closers = append(closers, img.Close)
-		boot := c.String("bootstrap")
-		name := strings.TrimSuffix(filepath.Base(boot), filepath.Ext(boot))
+		id, name, err := imageIdentity(c)
+		if err != nil {
+			return fail(err)
+		}
 		if len(names) > 0 {
 			name, names = names[0], names[1:]
 		}
 		exports = append(exports, nbd.Export{
 			Name:        name,
-			Description: "RAFS image " + boot,
+			Description: "RAFS image " + strings.TrimPrefix(strings.TrimPrefix(id, "rafsnbd:image:"), "rafsnbd:ref:"),
 			Device:      img,
 			BlockSize:   img.BlockSize(),
 		})
-		sources = append(sources, boot)
+		sources = append(sources, id)
 	}
 	if len(names) > len(disks) {
 		return fail(fmt.Errorf("too many --name flags: one per image and --disk"))

@@ -3,25 +3,47 @@ package main
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/rafs"
+	"github.com/rafsnbd/rafsnbd/rafs/oci"
 )
 
 // imageFlags are the flags that name a RAFS image and where its blob bytes
 // come from. Every command that composes an image takes them.
 func imageFlags() []cli.Flag {
 	return append([]cli.Flag{
+		&cli.StringFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir (reference, manifest digest, or 12+ hex digits of it)"},
 		&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Usage: "RAFS v6 bootstrap `FILE` (a layer's, or an image's merged one)"},
 		&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Usage: "`DIR` holding the blobs, one file per blob id (for tarfs: the layer tars)"},
 		cacheDirFlag(),
 	}, blobSourceFlags()...)
 }
 
+// imageIdentity names the image the flags select: a stable identifier (for
+// the kernel's backend id, so a restarted server finds its device) and a
+// short name (a default export name).
+func imageIdentity(c *cli.Context) (id, short string, err error) {
+	if ref := c.String("image"); ref != "" {
+		short = ref
+		if i := strings.LastIndexAny(short, "/:"); i >= 0 && i < len(short)-1 {
+			short = short[i+1:]
+		}
+		return "rafsnbd:ref:" + ref, short, nil
+	}
+	abs, err := filepath.Abs(c.String("bootstrap"))
+	if err != nil {
+		return "", "", err
+	}
+	return "rafsnbd:image:" + abs, strings.TrimSuffix(filepath.Base(abs), filepath.Ext(abs)), nil
+}
+
 // haveImage reports whether the image flags were given.
-func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") }
+func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") || c.IsSet("image") }
 
 // openImage composes the image named by the image flags into a device.
 //
@@ -34,6 +56,9 @@ func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") }
 func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
 	log := logger(c)
 	boot, dir, cacheRoot := c.String("bootstrap"), c.String("blob-dir"), c.String("cache-dir")
+	if ref := c.String("image"); ref != "" {
+		return openConvertedImage(c, ref)
+	}
 	if boot == "" {
 		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR or --registry REPO)")
 	}
@@ -79,5 +104,28 @@ func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
 	}
 	log.Debug().Str("bootstrap", boot).Int("blobs", len(img.Rafs.Blobs)).Bool("cached", cacheRoot != "").
 		Int64("size", img.Size()).Uint32("block_size", img.BlockSize()).Msg("image composed")
+	return img, nil
+}
+
+// openConvertedImage composes an image that 'rafsnbd convert' left in the
+// cache: its merged bootstrap and the layer tars beside it, read directly.
+func openConvertedImage(c *cli.Context, ref string) (*blockdev.Image, error) {
+	if c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry") {
+		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D and --registry")
+	}
+	cacheRoot := c.String("cache-dir")
+	if cacheRoot == "" {
+		return nil, errors.New("--image needs --cache-dir DIR: where 'rafsnbd convert' put it")
+	}
+	boot, dir, err := oci.ResolveImage(cacheRoot, ref)
+	if err != nil {
+		return nil, err
+	}
+	img, err := blockdev.Open(c.Context, boot, blockdev.LocalBlobs{Dir: dir})
+	if err != nil {
+		return nil, err
+	}
+	logger(c).Debug().Str("image", ref).Str("bootstrap", boot).Int("layers", len(img.Rafs.Blobs)).
+		Int64("size", img.Size()).Msg("converted image composed")
 	return img, nil
 }
