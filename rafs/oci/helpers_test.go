@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -203,17 +202,7 @@ func digestOf(t testing.TB, img v1.Image) v1.Hash {
 }
 
 // ---------------------------------------------------------------------------
-// Registry (recipe E): Debian's docker-registry on a free loopback port
-
-func freePort(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+// Registry (recipe E): Debian's docker-registry via internal/testregistry
 
 func pushImage(t testing.TB, ref string, img v1.Image) {
 	t.Helper()
