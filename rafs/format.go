@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/bits"
+	"strings"
 )
 
 // On-disk layout of a RAFS v6 bootstrap: an EROFS image whose data lives in
@@ -465,9 +466,9 @@ func (e *BlobEntry) IsTarfs() bool {
 
 // Inode is an EROFS inode in either on-disk form (§6): compact (32 bytes)
 // when Format has no InodeFormatExtended bit, extended (64 bytes) otherwise.
-// Fields a compact inode lacks decode as zero (Mtime comes from the
-// superblock's build time); Encode refuses values a compact inode cannot
-// hold.
+// Fields a compact inode lacks decode as zero, and its Mtime is the delta
+// the kernel adds to the superblock's build time; Encode refuses values a
+// compact inode cannot hold.
 type Inode struct {
 	Format     uint16 // i_format: bit 0 extended, bits 1-3 data layout
 	XattrCount uint16 // i_xattr_icount
@@ -478,8 +479,8 @@ type Inode struct {
 	Ino        uint32 // i_ino
 	UID        uint32 // i_uid (u16 in compact inodes)
 	GID        uint32 // i_gid (u16 in compact inodes)
-	Mtime      uint64 // i_mtime (extended only)
-	MtimeNsec  uint32 // i_mtime_nsec (extended only)
+	Mtime      uint64 // i_mtime; in compact inodes a 32-bit delta from the superblock's build time
+	MtimeNsec  uint32 // i_mtime_nsec (extended only; compact inodes use the build time's)
 }
 
 // Extended reports whether the inode uses the 64-byte form.
@@ -520,6 +521,7 @@ func DecodeInode(b []byte) (Inode, error) {
 	if !ino.Extended() {
 		ino.Nlink = uint32(le.Uint16(b[6:]))
 		ino.Size = uint64(le.Uint32(b[8:]))
+		ino.Mtime = uint64(le.Uint32(b[12:]))
 		ino.U = le.Uint32(b[16:])
 		ino.Ino = le.Uint32(b[20:])
 		ino.UID = uint32(le.Uint16(b[24:]))
@@ -554,12 +556,13 @@ func (ino *Inode) Encode(b []byte) error {
 	le.PutUint32(b[16:], ino.U)
 	le.PutUint32(b[20:], ino.Ino)
 	if !ino.Extended() {
-		if ino.Nlink > 0xFFFF || ino.Size > 0xFFFF_FFFF || ino.UID > 0xFFFF || ino.GID > 0xFFFF {
-			return fmt.Errorf("compact inode cannot hold nlink %d, size %d, uid %d, gid %d",
-				ino.Nlink, ino.Size, ino.UID, ino.GID)
+		if ino.Nlink > 0xFFFF || ino.Size > 0xFFFF_FFFF || ino.UID > 0xFFFF || ino.GID > 0xFFFF || ino.Mtime > 0xFFFF_FFFF {
+			return fmt.Errorf("compact inode cannot hold nlink %d, size %d, uid %d, gid %d, mtime delta %d",
+				ino.Nlink, ino.Size, ino.UID, ino.GID, ino.Mtime)
 		}
 		le.PutUint16(b[6:], uint16(ino.Nlink))
 		le.PutUint32(b[8:], uint32(ino.Size))
+		le.PutUint32(b[12:], uint32(ino.Mtime))
 		le.PutUint16(b[24:], uint16(ino.UID))
 		le.PutUint16(b[26:], uint16(ino.GID))
 		return nil
@@ -708,14 +711,43 @@ func (x *XattrEntry) Encode(b []byte) {
 	le.PutUint16(b[2:], x.ValueSize)
 }
 
-// XattrPrefixes maps xattr name indexes to their prefixes. The POSIX ACL
-// indexes stand for a full name with an empty suffix.
-var XattrPrefixes = map[uint8]string{
-	XattrIndexUser:            "user.",
-	XattrIndexPosixACLAccess:  "system.posix_acl_access",
-	XattrIndexPosixACLDefault: "system.posix_acl_default",
-	XattrIndexTrusted:         "trusted.",
-	XattrIndexSecurity:        "security.",
+// xattrPrefixes are the name prefixes RAFS can store, by name index. The
+// POSIX ACL indexes stand for a whole name with an empty suffix.
+var xattrPrefixes = [...]struct {
+	index  uint8
+	prefix string
+	whole  bool
+}{
+	{XattrIndexUser, "user.", false},
+	{XattrIndexPosixACLAccess, "system.posix_acl_access", true},
+	{XattrIndexPosixACLDefault, "system.posix_acl_default", true},
+	{XattrIndexTrusted, "trusted.", false},
+	{XattrIndexSecurity, "security.", false},
+}
+
+// XattrPrefix returns the name prefix of an xattr name index.
+func XattrPrefix(index uint8) (string, bool) {
+	for _, p := range xattrPrefixes {
+		if p.index == index {
+			return p.prefix, true
+		}
+	}
+	return "", false
+}
+
+// XattrIndex splits a full xattr name into its name index and the suffix
+// stored on disk; ok is false for names RAFS cannot represent.
+func XattrIndex(name string) (index uint8, suffix string, ok bool) {
+	for _, p := range xattrPrefixes {
+		if p.whole {
+			if name == p.prefix {
+				return p.index, "", true
+			}
+		} else if s, found := strings.CutPrefix(name, p.prefix); found && s != "" {
+			return p.index, s, true
+		}
+	}
+	return 0, "", false
 }
 
 // BlobMetaHeader is the 4096-byte header that follows a blob's chunk-info

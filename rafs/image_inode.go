@@ -142,7 +142,7 @@ func (img *Image) Inode(nid uint64) (*Entry, error) {
 		// Compact inodes carry a 32-bit mtime delta at byte 12 (formerly
 		// reserved; RAFS writes 0) that the kernel adds to the build time
 		// (checked by mounting on 6.18; erofs-utils 1.5 ignores it).
-		e.Mtime = img.Superblock.BuildTime + uint64(le.Uint32(b[12:]))
+		e.Mtime = img.Superblock.BuildTime + ino.Mtime
 		e.MtimeNsec = img.Superblock.BuildTimeNsec
 	}
 	if ino.Format&^0xF != 0 {
@@ -352,7 +352,7 @@ func parseXattrs(b []byte, off uint64, s string) ([]Xattr, error) {
 			return nil, formatErr(eoff, s, "xattr e_value_size", x.ValueSize,
 				"entry of %d bytes runs past the xattr area (%d bytes left)", total, len(b)-p)
 		}
-		prefix, ok := XattrPrefixes[x.NameIndex]
+		prefix, ok := XattrPrefix(x.NameIndex)
 		if !ok {
 			return nil, formatErr(eoff+1, s, "xattr e_name_index", x.NameIndex, "unknown name index")
 		}

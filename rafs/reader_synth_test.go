@@ -62,15 +62,8 @@ func encodeXattrs(xs []Xattr) []byte {
 	}
 	b := make([]byte, XattrHeaderSize)
 	for _, x := range xs {
-		var idx uint8
-		var suffix string
-		for i, p := range XattrPrefixes {
-			isACL := i == XattrIndexPosixACLAccess || i == XattrIndexPosixACLDefault
-			if (isACL && x.Name == p) || (!isACL && strings.HasPrefix(x.Name, p) && len(x.Name) > len(p)) {
-				idx, suffix = i, strings.TrimPrefix(x.Name, p)
-			}
-		}
-		if idx == 0 {
+		idx, suffix, ok := XattrIndex(x.Name)
+		if !ok {
 			panic("unrepresentable xattr " + x.Name)
 		}
 		var h [XattrEntrySize]byte

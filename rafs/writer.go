@@ -723,7 +723,7 @@ func wrEncodeXattrs(m map[string][]byte) ([]byte, uint16, error) {
 	slices.Sort(names)
 	b := make([]byte, XattrHeaderSize)
 	for _, name := range names {
-		idx, suffix, ok := wrXattrIndex(name)
+		idx, suffix, ok := XattrIndex(name)
 		if !ok {
 			return nil, 0, fmt.Errorf("xattr %q: EROFS stores only user., trusted., security. and POSIX ACL xattrs", name)
 		}
@@ -743,25 +743,6 @@ func wrEncodeXattrs(m map[string][]byte) ([]byte, uint16, error) {
 		return nil, 0, fmt.Errorf("xattrs take %d bytes, more than an inode can hold", len(b))
 	}
 	return b, uint16(count), nil
-}
-
-// wrXattrIndex maps a full xattr name to its EROFS name index and suffix.
-func wrXattrIndex(name string) (uint8, string, bool) {
-	switch name {
-	case "system.posix_acl_access":
-		return XattrIndexPosixACLAccess, "", true
-	case "system.posix_acl_default":
-		return XattrIndexPosixACLDefault, "", true
-	}
-	for _, p := range []struct {
-		idx    uint8
-		prefix string
-	}{{XattrIndexUser, "user."}, {XattrIndexTrusted, "trusted."}, {XattrIndexSecurity, "security."}} {
-		if s, ok := strings.CutPrefix(name, p.prefix); ok && s != "" {
-			return p.idx, s, true
-		}
-	}
-	return 0, "", false
 }
 
 func wrCheckName(name string) error {
