@@ -5,14 +5,17 @@
 //
 // One transmission engine serves both. Per connection it runs a reader that
 // keeps pulling request headers, and a bounded pool of handlers that read
-// from the device concurrently. Replies go out in whatever order the
-// handlers finish, through one writer at a time: a handler with a finished
-// reply sends it itself when no write is under way (no goroutine switch on
-// an idle connection), or leaves it to the handler that is writing, which
-// sends everything queued in one writev (batching on a busy one). Header
-// and data always travel in the same writev, and a success header is only
-// ever written with its data in hand, so a failed device read becomes an
-// EIO reply for that request and nothing else.
+// from the device concurrently, so that a read waiting on a slow device (a
+// cold fetch) does not hold up the others. While the device answers fast
+// (page cache, memory), the reader serves small reads itself instead:
+// waking a handler would cost more than the read. Replies go out in
+// whatever order the reads finish, through one writer at a time: whoever
+// has a finished reply sends it itself when no write is under way (no
+// goroutine switch on an idle connection), or leaves it to the one that is
+// writing, which sends everything queued in one writev (batching on a busy
+// connection). Header and data always travel in the same writev, and a
+// success header is only ever written with its data in hand, so a failed
+// device read becomes an EIO reply for that request and nothing else.
 package nbd
 
 import (

@@ -61,6 +61,13 @@ const (
 	defaultDrain   = 10 * time.Second
 	// defaultBufferedBytes is a connection's default MaxBufferedBytes.
 	defaultBufferedBytes = 64 << 20
+	// A read of at most inlineMaxLength bytes is served by the reader itself
+	// while device reads average under inlineThreshold: that is a page
+	// cache or memory hit, not a wait. Each connection starts out assuming
+	// a slow device (8 × the threshold), so reads go to the handlers until
+	// about sixteen fast ones have been seen.
+	inlineMaxLength = 1 << 20
+	inlineThreshold = 250 * time.Microsecond
 	// socketWriteBuffer is the send buffer asked for on the connection.
 	socketWriteBuffer = 4 << 20
 )
@@ -118,6 +125,10 @@ type engine struct {
 
 	free chan *request // idle slots; bounds requests in flight
 	work chan *request // READs waiting for a handler
+
+	// readNanos is a moving average of how long device reads take. While
+	// it is low the reader serves small reads itself; see readLoop.
+	readNanos atomic.Int64
 
 	cancelled   atomic.Bool // ctx was cancelled: stop reading, drain
 	writeFailed atomic.Bool // a write failed: stop reading
@@ -198,6 +209,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	for range slots {
 		e.free <- new(request)
 	}
+	e.readNanos.Store(8 * int64(inlineThreshold))
 
 	stopWatch := context.AfterFunc(ctx, func() {
 		e.cancelled.Store(true)
@@ -234,8 +246,10 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 }
 
 // readLoop is the connection's reader. It pulls request headers until DISC,
-// cancellation, a broken stream or a write failure. It never blocks on the
-// device: READs go to the handlers, everything else is answered from here.
+// cancellation, a broken stream or a write failure. READs go to the
+// handlers, so that a slow one does not hold up the others, except small
+// ones while the device is answering fast, which it serves itself;
+// everything else is answered from here.
 func (e *engine) readLoop() error {
 	for {
 		hdr, err := e.in.Peek(requestHeaderSize)
@@ -265,6 +279,17 @@ func (e *engine) readLoop() error {
 				r := <-e.free
 				r.prepare(cookie, 0)
 				r.offset, r.length = int64(offset), int(length)
+				if r.length <= inlineMaxLength && e.readNanos.Load() < int64(inlineThreshold) {
+					// The device has been answering quickly: serving this
+					// read here costs less than waking a handler for it
+					// (on small machines, the switch costs more than the
+					// read). Should the device turn slow, this one read
+					// holds up the next requests; the average then rises
+					// and the following reads go to the handlers again.
+					e.serveRead(r)
+					e.queue(r)
+					continue
+				}
 				e.work <- r
 				continue
 			}
@@ -310,7 +335,9 @@ func (e *engine) readError(err error, partial int) error {
 func (e *engine) serveRead(r *request) {
 	buf := e.takeBuffer(r.length)
 	data := (*buf)[:r.length]
+	start := time.Now()
 	n, err := readFully(e.dev, data, r.offset)
+	e.recordReadTime(time.Since(start))
 	if n == len(data) {
 		r.buf = buf // io.ReaderAt may return io.EOF with a full buffer
 		return
@@ -321,6 +348,14 @@ func (e *engine) serveRead(r *request) {
 		err = io.ErrShortBuffer
 	}
 	e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
+}
+
+// recordReadTime folds one device read's duration into the moving average
+// (weight 1/8). Concurrent updates may lose one another's contribution,
+// which only makes the average a little less exact.
+func (e *engine) recordReadTime(d time.Duration) {
+	avg := e.readNanos.Load()
+	e.readNanos.Store(avg + (int64(d)-avg)/8)
 }
 
 // takeBuffer returns a pooled buffer for n bytes once the connection's (and

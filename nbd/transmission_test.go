@@ -505,3 +505,58 @@ func queuedReplies(t testing.TB, conn net.Conn, size int) int {
 	}
 	return queued / (size + replyHeaderSize)
 }
+
+// switchableDevice blocks reads at slowOff while a gate is set, and counts
+// the reads that have finished.
+type switchableDevice struct {
+	memDevice
+	slowOff int64
+	gate    atomic.Pointer[chan struct{}]
+}
+
+func (d *switchableDevice) ReadAt(p []byte, off int64) (int, error) {
+	if g := d.gate.Load(); g != nil && off == d.slowOff {
+		<-*g
+	}
+	return d.memDevice.ReadAt(p, off)
+}
+
+// TestServeTransmissionAdaptsToSlowDevice: after a run of fast reads the
+// reader serves reads itself, so one read that suddenly turns slow holds up
+// the requests behind it (the documented price); once it finishes, the
+// engine has seen the device is slow and the next stuck read no longer holds
+// anything up.
+func TestServeTransmissionAdaptsToSlowDevice(t *testing.T) {
+	dev := &switchableDevice{memDevice: memDevice{data: randomBytes(1<<16, 15)}, slowOff: 60 << 10}
+	c, _ := startEngine(t, context.Background(), dev, TransmissionOptions{Handlers: 4})
+	for i := range 64 { // a warm streak: the device is fast
+		off := uint64(i%32) * 1024
+		checkBytes(t, c.read(t, uint64(i), off, 1024), dev.data[off:off+1024], "warm read")
+	}
+
+	gate := make(chan struct{})
+	dev.gate.Store(&gate)
+	c.send(t, 0, cmdRead, 1000, 60<<10, 1024, nil) // served inline, stuck
+	c.send(t, 0, cmdRead, 1001, 0, 1024, nil)      // waits behind it
+	time.Sleep(50 * time.Millisecond)
+	close(gate) // the stuck read took 50 ms
+	// The reader served the stuck read itself, so the one behind it was
+	// read, and answered, only afterwards.
+	c.expectReply(t, 0, 1000)
+	c.data(t, 1024)
+	c.expectReply(t, 0, 1001)
+	c.data(t, 1024)
+
+	// The engine now knows the device can be slow: a stuck read goes to a
+	// handler and later reads overtake it.
+	gate2 := make(chan struct{})
+	dev.gate.Store(&gate2)
+	c.send(t, 0, cmdRead, 2000, 60<<10, 1024, nil)
+	for i := range 10 {
+		off := uint64(i) * 1024
+		checkBytes(t, c.read(t, uint64(2001+i), off, 1024), dev.data[off:off+1024], "read overtaking a slow one")
+	}
+	close(gate2)
+	c.expectReply(t, 0, 2000)
+	checkBytes(t, c.data(t, 1024), dev.data[60<<10:61<<10], "the slow read")
+}
