@@ -13,6 +13,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 )
@@ -164,7 +165,7 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 		}
 		defer os.Remove(spool.Name())
 		defer spool.Close()
-		if _, err := io.CopyBuffer(spool, &ctxReader{ctx, os.Stdin}, make([]byte, 1<<20)); err != nil {
+		if _, err := io.CopyBuffer(spool, ctxio.NewReader(ctx, os.Stdin), make([]byte, 1<<20)); err != nil {
 			return nil, fmt.Errorf("spooling stdin: %w", err)
 		}
 		// The spool becomes the blob by a hard link: make it readable
@@ -181,18 +182,6 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 		defer f.Close()
 	}
 	return build.FromTar(ctx, f, boot, opts)
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c *ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
 
 // parseChunkSize reads 1048576, 1M, 1m, 512K, 0x100000.

@@ -14,6 +14,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 )
 
 // placedTar is a tar put into the blob directory under a temporary name,
@@ -64,7 +66,7 @@ func placeTar(ctx context.Context, r io.ReaderAt, size int64, opts *Options) (*p
 		h = sha256.New()
 		w = io.MultiWriter(dst, h)
 	}
-	_, err = io.CopyBuffer(w, &ctxReader{ctx: ctx, r: io.NewSectionReader(r, 0, size)}, make([]byte, 1<<20))
+	_, err = io.CopyBuffer(w, ctxio.NewReader(ctx, io.NewSectionReader(r, 0, size)), make([]byte, 1<<20))
 	if cerr := dst.Close(); err == nil {
 		err = cerr
 	}
@@ -145,19 +147,6 @@ func hashReaderAt(ctx context.Context, r io.ReaderAt, size int64) (string, error
 		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// ctxReader stops a long copy when its context ends.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c *ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
 
 // commitBlob renames a finished temporary file to dir/id; files of our own

@@ -17,6 +17,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/rs/zerolog"
 
+	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 )
@@ -220,7 +221,7 @@ func (cv *converter) existingTar(ctx context.Context, l layerDesc) (*os.File, er
 		return nil, err
 	}
 	h := sha256.New()
-	_, err = io.CopyBuffer(h, &ctxReader{ctx: ctx, r: f}, make([]byte, 1<<20))
+	_, err = io.CopyBuffer(h, ctxio.NewReader(ctx, f), make([]byte, 1<<20))
 	if err == nil && hex.EncodeToString(h.Sum(nil)) == l.diffID.Hex {
 		return f, nil
 	}
@@ -250,7 +251,7 @@ func (cv *converter) pullLayer(ctx context.Context, l layerDesc, tarPath string,
 		return nil, err
 	}
 	defer rc.Close()
-	dl := &downloadReader{r: &ctxReader{ctx: ctx, r: rc}, h: sha256.New(), limit: l.size,
+	dl := &downloadReader{r: ctxio.NewReader(ctx, rc), h: sha256.New(), limit: l.size,
 		progress: func(done int64) {
 			cv.report(Progress{Layer: l.index, Digest: l.digest.String(), Phase: PhaseDownload, Done: done, Total: l.size})
 		}}
@@ -309,16 +310,3 @@ func (cv *converter) pullLayer(ctx context.Context, l layerDesc, tarPath string,
 }
 
 func v1Hash(h hash.Hash) string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
-
-// ctxReader stops a long copy when its context ends.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c *ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
-}
