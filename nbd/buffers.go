@@ -72,6 +72,17 @@ func (b *byteBudget) acquire(n int64) {
 	b.mu.Unlock()
 }
 
+// tryAcquire takes n bytes if they are available now.
+func (b *byteBudget) tryAcquire(n int64) bool {
+	b.mu.Lock()
+	ok := b.avail >= n
+	if ok {
+		b.avail -= n
+	}
+	b.mu.Unlock()
+	return ok
+}
+
 func (b *byteBudget) release(n int64) {
 	b.mu.Lock()
 	b.avail += n

@@ -67,6 +67,8 @@ const (
 	// a slow device (8 × the threshold), so reads go to the handlers until
 	// about sixteen fast ones have been seen.
 	inlineMaxLength = 1 << 20
+	maxHeldReplies  = 32
+	maxHeldBytes    = 1 << 20
 	inlineThreshold = 250 * time.Microsecond
 	// socketWriteBuffer is the send buffer asked for on the connection.
 	socketWriteBuffer = 4 << 20
@@ -125,6 +127,13 @@ type engine struct {
 
 	free chan *request // idle slots; bounds requests in flight
 	work chan *request // READs waiting for a handler
+
+	// Replies to requests the reader answered itself, held back (up to
+	// maxHeldReplies or maxHeldBytes) so that a burst of requests is
+	// answered with one writev; released to the writer before the reader
+	// could block: on the socket, on a free slot, or on the buffer budget.
+	held      []*request
+	heldBytes int
 
 	// readNanos is a moving average of how long device reads take. While
 	// it is low the reader serves small reads itself; see readLoop.
@@ -203,6 +212,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		free:         make(chan *request, slots),
 		work:         make(chan *request, slots),
 		pending:      make([]*request, 0, slots),
+		held:         make([]*request, 0, slots),
 		spare:        make([]*request, 0, slots),
 		iov:          make([][]byte, 0, 2*slots),
 	}
@@ -251,7 +261,11 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 // ones while the device is answering fast, which it serves itself;
 // everything else is answered from here.
 func (e *engine) readLoop() error {
+	defer e.releaseHeld()
 	for {
+		if len(e.held) > 0 && e.in.Buffered() < requestHeaderSize {
+			e.releaseHeld() // the next read may wait for the peer
+		}
 		hdr, err := e.in.Peek(requestHeaderSize)
 		if err != nil {
 			return e.readError(err, len(hdr))
@@ -276,7 +290,7 @@ func (e *engine) readLoop() error {
 				offset > e.size, uint64(length) > e.size-offset:
 				errno = errInval
 			default:
-				r := <-e.free
+				r := e.slot()
 				r.prepare(cookie, 0)
 				r.offset, r.length = int64(offset), int(length)
 				if r.length <= inlineMaxLength && e.readNanos.Load() < int64(inlineThreshold) {
@@ -286,8 +300,13 @@ func (e *engine) readLoop() error {
 					// read). Should the device turn slow, this one read
 					// holds up the next requests; the average then rises
 					// and the following reads go to the handlers again.
-					e.serveRead(r)
-					e.queue(r)
+					buf := e.tryTakeBuffer(r.length)
+					if buf == nil {
+						e.releaseHeld() // they hold budget the read may need
+						buf = e.takeBuffer(r.length)
+					}
+					e.readInto(r, buf)
+					e.hold(r)
 					continue
 				}
 				e.work <- r
@@ -296,6 +315,7 @@ func (e *engine) readLoop() error {
 		case cmdWrite:
 			// The payload follows the header whatever we answer; consume
 			// it so the next header is where the peer put it.
+			e.releaseHeld() // reading the payload may wait for the peer
 			if n, err := e.in.Discard(int(length)); err != nil {
 				return e.readError(err, requestHeaderSize+n)
 			}
@@ -309,10 +329,45 @@ func (e *engine) readLoop() error {
 		default: // CACHE and BLOCK_STATUS were not negotiated; the rest is unknown
 			errno = errInval
 		}
-		r := <-e.free
+		r := e.slot()
 		r.prepare(cookie, errno)
-		e.queue(r)
+		e.hold(r)
 	}
+}
+
+// slot takes a free request slot, first releasing held replies if none is
+// free (they may be what is holding the slots).
+func (e *engine) slot() *request {
+	select {
+	case r := <-e.free:
+		return r
+	default:
+	}
+	e.releaseHeld()
+	return <-e.free
+}
+
+// hold keeps a reply the reader produced for the next release.
+func (e *engine) hold(r *request) {
+	e.held = append(e.held, r)
+	if r.buf != nil {
+		e.heldBytes += r.length
+	}
+	if len(e.held) >= maxHeldReplies || e.heldBytes >= maxHeldBytes {
+		e.releaseHeld()
+	}
+}
+
+// releaseHeld hands the held replies to the writer.
+func (e *engine) releaseHeld() {
+	if len(e.held) == 0 {
+		return
+	}
+	e.writeMu.Lock()
+	e.pending = append(e.pending, e.held...)
+	clear(e.held)
+	e.held, e.heldBytes = e.held[:0], 0
+	e.writeQueued()
 }
 
 // readError explains why reading stopped. partial is how many bytes of the
@@ -333,7 +388,11 @@ func (e *engine) readError(err error, partial int) error {
 // serveRead reads one request's data into a pooled buffer. Only a complete
 // read is a success; anything else fails this request with EIO.
 func (e *engine) serveRead(r *request) {
-	buf := e.takeBuffer(r.length)
+	e.readInto(r, e.takeBuffer(r.length))
+}
+
+// readInto reads r's data into buf, which takeBuffer or tryTakeBuffer gave.
+func (e *engine) readInto(r *request, buf *[]byte) {
 	data := (*buf)[:r.length]
 	start := time.Now()
 	n, err := readFully(e.dev, data, r.offset)
@@ -369,6 +428,19 @@ func (e *engine) takeBuffer(n int) *[]byte {
 	return e.buffers.get(n)
 }
 
+// tryTakeBuffer is takeBuffer without waiting: nil if the budget is short.
+func (e *engine) tryTakeBuffer(n int) *[]byte {
+	size := bufferSize(n)
+	if !e.budget.tryAcquire(size) {
+		return nil
+	}
+	if e.shared != nil && !e.shared.tryAcquire(size) {
+		e.budget.release(size)
+		return nil
+	}
+	return e.buffers.get(n)
+}
+
 func (e *engine) dropBuffer(b *[]byte) {
 	size := int64(cap(*b))
 	e.buffers.put(b)
@@ -394,6 +466,12 @@ func readFully(dev Device, p []byte, off int64) (n int, err error) {
 func (e *engine) queue(r *request) {
 	e.writeMu.Lock()
 	e.pending = append(e.pending, r)
+	e.writeQueued()
+}
+
+// writeQueued takes the writer role if it is free and writes until the
+// queue is empty. Called with writeMu held; returns with it released.
+func (e *engine) writeQueued() {
 	if e.writing {
 		e.writeMu.Unlock()
 		return

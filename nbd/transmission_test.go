@@ -560,3 +560,40 @@ func TestServeTransmissionAdaptsToSlowDevice(t *testing.T) {
 	c.expectReply(t, 0, 2000)
 	checkBytes(t, c.data(t, 1024), dev.data[60<<10:61<<10], "the slow read")
 }
+
+// TestServeTransmissionBurstThenDisc: once reads are served on the reader,
+// replies to a burst are held back to share a writev; DISC right after the
+// burst must still get every one of them out.
+func TestServeTransmissionBurstThenDisc(t *testing.T) {
+	dev := &memDevice{data: randomBytes(1<<16, 16)}
+	c, done := startEngine(t, context.Background(), dev, TransmissionOptions{})
+	for i := range 32 { // warm up: the device is fast
+		c.read(t, uint64(i), 0, 512)
+	}
+	var msg []byte
+	for i := range 40 {
+		msg = encodeRequest(msg, 0, cmdRead, uint64(100+i), uint64(i*1024), 1024)
+	}
+	msg = encodeRequest(msg, 0, cmdWrite, 200, 0, 3) // a header-only reply in the burst
+	msg = append(msg, 1, 2, 3)
+	msg = encodeRequest(msg, 0, cmdDisc, 0, 0, 0)
+	if _, err := c.conn.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	for range 41 {
+		errno, cookie := c.reply(t)
+		if cookie == 200 {
+			if errno != errPerm {
+				t.Fatalf("write: errno %d", errno)
+			}
+			continue
+		}
+		if errno != 0 || cookie < 100 || cookie >= 140 {
+			t.Fatalf("reply errno %d cookie %d", errno, cookie)
+		}
+		i := int(cookie - 100)
+		checkBytes(t, c.data(t, 1024), dev.data[i*1024:(i+1)*1024], "burst read")
+	}
+	c.expectEOF(t)
+	wantResult(t, done, func(err error) bool { return err == nil }, "nil after DISC")
+}
