@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -14,7 +12,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/rafsnbd/rafsnbd/nbd"
-	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 func init() {
@@ -128,65 +125,22 @@ func openImageSource(c *cli.Context) (*nbdSource, error) {
 	}, nil
 }
 
-// diskDevice serves a flat disk file.
-type diskDevice struct {
-	*os.File
-	size int64
-}
-
-func (d diskDevice) Size() int64 { return d.size }
-
 func openDiskSource(path string) (*nbdSource, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(abs)
+	d, err := openDisk(abs)
 	if err != nil {
 		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	blockSize, err := erofsBlockSize(f)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return &nbdSource{
-		device:    diskDevice{File: f, size: st.Size()},
-		blockSize: blockSize,
+		device:    d,
+		blockSize: d.blockSize,
 		backendID: "rafsnbd:disk:" + abs,
 		describe:  abs,
-		close:     f.Close,
+		close:     d.Close,
 	}, nil
-}
-
-// erofsBlockSize reads the block size from an EROFS superblock, or returns 0
-// when the file holds none (then the default applies).
-func erofsBlockSize(r io.ReaderAt) (int64, error) {
-	b := make([]byte, rafs.SuperblockSize)
-	if _, err := r.ReadAt(b, rafs.SuperblockOffset); err != nil {
-		if errors.Is(err, io.EOF) {
-			return 0, nil
-		}
-		return 0, err
-	}
-	var sb rafs.Superblock
-	sb.Decode(b)
-	if sb.Magic != rafs.ErofsMagic {
-		return 0, nil
-	}
-	if sb.BlkSzBits < 9 || sb.BlkSzBits > 16 {
-		return 0, fmt.Errorf("EROFS superblock: block size 2^%d is out of range", sb.BlkSzBits)
-	}
-	return int64(sb.BlockSize()), nil
 }
 
 func runNBD(c *cli.Context) error {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"os"
@@ -184,30 +183,16 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 // size advertised to clients is the EROFS block size when the file holds an
 // EROFS superblock.
 func openDiskExport(path, name string) (nbd.Export, func() error, error) {
-	f, err := os.Open(path)
+	d, err := openDisk(path)
 	if err != nil {
 		return nbd.Export{}, nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nbd.Export{}, nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nbd.Export{}, nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	blockSize, err := erofsBlockSize(f)
-	if err != nil {
-		f.Close()
-		return nbd.Export{}, nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return nbd.Export{
 		Name:        name,
 		Description: filepath.Base(path),
-		Device:      io.NewSectionReader(f, 0, st.Size()),
-		BlockSize:   uint32(blockSize), // 0 (no EROFS superblock) means 4096
-	}, f.Close, nil
+		Device:      d,
+		BlockSize:   uint32(d.blockSize), // 0 (no EROFS superblock) means 4096
+	}, d.Close, nil
 }
 
 // parseListen splits unix:PATH or tcp:HOST:PORT and refuses non-loopback TCP

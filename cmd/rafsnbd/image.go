@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -128,4 +130,59 @@ func openConvertedImage(c *cli.Context, ref string) (*blockdev.Image, error) {
 	logger(c).Debug().Str("image", ref).Str("bootstrap", boot).Int("layers", len(img.Rafs.Blobs)).
 		Int64("size", img.Size()).Msg("converted image composed")
 	return img, nil
+}
+
+// disk is a flat disk file (an export, any EROFS image) served as it is.
+type disk struct {
+	*os.File
+	size int64
+	// blockSize is the EROFS block size when the file starts with an EROFS
+	// superblock, else 0.
+	blockSize int64
+}
+
+func (d *disk) Size() int64 { return d.size }
+
+// openDisk opens a regular file to serve and reads its EROFS block size.
+func openDisk(path string) (*disk, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	blockSize, err := erofsBlockSize(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &disk{File: f, size: st.Size(), blockSize: blockSize}, nil
+}
+
+// erofsBlockSize reads the block size from an EROFS superblock, or returns 0
+// when the file holds none (then the default applies).
+func erofsBlockSize(r io.ReaderAt) (int64, error) {
+	b := make([]byte, rafs.SuperblockSize)
+	if _, err := r.ReadAt(b, rafs.SuperblockOffset); err != nil {
+		if errors.Is(err, io.EOF) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	var sb rafs.Superblock
+	sb.Decode(b)
+	if sb.Magic != rafs.ErofsMagic {
+		return 0, nil
+	}
+	if sb.BlkSzBits < 9 || sb.BlkSzBits > 16 {
+		return 0, fmt.Errorf("EROFS superblock: block size 2^%d is out of range", sb.BlkSzBits)
+	}
+	return int64(sb.BlockSize()), nil
 }
