@@ -42,6 +42,12 @@ type TransmissionOptions struct {
 	// bounded amount of memory. 0 means 64 MiB; it is raised to at least
 	// one largest request.
 	MaxBufferedBytes int64
+	// DeviceMayStall sends every read to a handler. By default the reader
+	// serves small reads itself while the device answers at page-cache
+	// speed, which is cheaper than waking a handler, but then a read that
+	// suddenly takes long (a chunk fetched from a registry) holds up the
+	// requests behind it once. Set it for devices that fetch lazily.
+	DeviceMayStall bool
 	// Logger receives device errors and connection diagnostics; nil is silent.
 	Logger *zerolog.Logger
 
@@ -138,6 +144,7 @@ type engine struct {
 	// readNanos is a moving average of how long device reads take. While
 	// it is low the reader serves small reads itself; see readLoop.
 	readNanos atomic.Int64
+	inline    bool // reads may be served by the reader (not DeviceMayStall)
 
 	cancelled   atomic.Bool // ctx was cancelled: stop reading, drain
 	writeFailed atomic.Bool // a write failed: stop reading
@@ -220,6 +227,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		e.free <- new(request)
 	}
 	e.readNanos.Store(8 * int64(inlineThreshold))
+	e.inline = !opts.DeviceMayStall
 
 	stopWatch := context.AfterFunc(ctx, func() {
 		e.cancelled.Store(true)
@@ -293,7 +301,7 @@ func (e *engine) readLoop() error {
 				r := e.slot()
 				r.prepare(cookie, 0)
 				r.offset, r.length = int64(offset), int(length)
-				if r.length <= inlineMaxLength && e.readNanos.Load() < int64(inlineThreshold) {
+				if e.inline && r.length <= inlineMaxLength && e.readNanos.Load() < int64(inlineThreshold) {
 					// The device has been answering quickly: serving this
 					// read here costs less than waking a handler for it
 					// (on small machines, the switch costs more than the

@@ -561,6 +561,27 @@ func TestServeTransmissionAdaptsToSlowDevice(t *testing.T) {
 	checkBytes(t, c.data(t, 1024), dev.data[60<<10:61<<10], "the slow read")
 }
 
+// With DeviceMayStall, no warm streak makes the reader serve reads itself: a
+// read stuck in the device is overtaken by the ones behind it.
+func TestServeTransmissionDeviceMayStall(t *testing.T) {
+	dev := &switchableDevice{memDevice: memDevice{data: randomBytes(1<<16, 17)}, slowOff: 60 << 10}
+	c, _ := startEngine(t, context.Background(), dev, TransmissionOptions{Handlers: 4, DeviceMayStall: true})
+	for i := range 64 {
+		off := uint64(i%32) * 1024
+		checkBytes(t, c.read(t, uint64(i), off, 1024), dev.data[off:off+1024], "warm read")
+	}
+	gate := make(chan struct{})
+	dev.gate.Store(&gate)
+	c.send(t, 0, cmdRead, 1000, 60<<10, 1024, nil) // stuck in the device
+	for i := range 10 {
+		off := uint64(i) * 1024
+		checkBytes(t, c.read(t, uint64(1001+i), off, 1024), dev.data[off:off+1024], "read overtaking a stuck one")
+	}
+	close(gate)
+	c.expectReply(t, 0, 1000)
+	checkBytes(t, c.data(t, 1024), dev.data[60<<10:61<<10], "the stuck read")
+}
+
 // TestServeTransmissionBurstThenDisc: once reads are served on the reader,
 // replies to a burst are held back to share a writev; DISC right after the
 // burst must still get every one of them out.

@@ -177,7 +177,7 @@ func runNBD(c *cli.Context) error {
 		DeadConnTimeout: time.Duration(c.Int("dead-conn-timeout")) * time.Second,
 		BackendID:       backendID,
 		UseIoctl:        c.Bool("ioctl"),
-		Transmission:    nbd.TransmissionOptions{Logger: log},
+		Transmission:    nbd.TransmissionOptions{Logger: log, DeviceMayStall: lazyBlobs(c)},
 		Logger:          log,
 	})
 	if err != nil {

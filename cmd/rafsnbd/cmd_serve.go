@@ -98,7 +98,7 @@ func runServe(c *cli.Context) error {
 	srv := &nbd.Server{
 		Exports:      exports,
 		Logger:       log,
-		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers")},
+		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers"), DeviceMayStall: lazyBlobs(c)},
 	}
 	if err := srv.Serve(c.Context, l); err != nil {
 		return err

@@ -44,6 +44,12 @@ func imageIdentity(c *cli.Context) (id, short string, err error) {
 	return "rafsnbd:image:" + abs, strings.TrimSuffix(filepath.Base(abs), filepath.Ext(abs)), nil
 }
 
+// lazyBlobs reports whether the image's blob bytes come through the lazy
+// cache, so that a read may wait for a fetch from the network.
+func lazyBlobs(c *cli.Context) bool {
+	return c.IsSet("bootstrap") && c.String("cache-dir") != ""
+}
+
 // haveImage reports whether the image flags were given.
 func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") || c.IsSet("image") }
 
