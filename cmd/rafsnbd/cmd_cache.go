@@ -252,9 +252,10 @@ func prefetchFlags() []cli.Flag {
 // cachedBlobs opens an image's blobs through the blob cache: it is the
 // blockdev.BlobOpener of lazily fetched images (see openImage).
 type cachedBlobs struct {
-	cache *blobcache.Cache
-	store blobcache.Store
-	table []rafs.ChunkInfo // the bootstrap chunk table: chunk digests
+	cache  *blobcache.Cache
+	shared *sharedBlobs
+	store  blobcache.Store
+	table  []rafs.ChunkInfo // the bootstrap chunk table: chunk digests
 
 	mu    sync.Mutex
 	blobs map[uint32]*blobcache.Blob // by blob index
@@ -262,24 +263,87 @@ type cachedBlobs struct {
 
 var _ blockdev.BlobOpener = (*cachedBlobs)(nil)
 
-// newCachedBlobs opens (and locks) the blob cache under cacheRoot.
-func newCachedBlobs(cacheRoot string, store blobcache.Store, table []rafs.ChunkInfo, log *zerolog.Logger) (*cachedBlobs, error) {
-	cache, err := blobcache.Open(filepath.Join(cacheRoot, blobCacheSubdir), &blobcache.Options{Logger: log})
-	if err != nil {
-		return nil, err
-	}
-	return &cachedBlobs{cache: cache, store: store, table: table, blobs: map[uint32]*blobcache.Blob{}}, nil
+// openBlobCache opens (and locks) the blob cache under cacheRoot. One
+// process opens it once, however many images it serves.
+func openBlobCache(cacheRoot string, log *zerolog.Logger) (*blobcache.Cache, error) {
+	return blobcache.Open(filepath.Join(cacheRoot, blobCacheSubdir), &blobcache.Options{Logger: log})
+}
+
+// newCachedBlobs reads one image's blobs from store through cache. Images
+// of one process pass the same shared set, so a blob several of them use
+// (a common base layer) is opened once.
+func newCachedBlobs(cache *blobcache.Cache, shared *sharedBlobs, store blobcache.Store, table []rafs.ChunkInfo) *cachedBlobs {
+	return &cachedBlobs{cache: cache, shared: shared, store: store, table: table, blobs: map[uint32]*blobcache.Blob{}}
 }
 
 func (o *cachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry) (blockdev.BlobReader, error) {
-	b, err := o.cache.OpenBlob(ctx, o.store, e, o.table)
+	ref, err := o.shared.open(e.ID(), func() (*blobcache.Blob, error) { return o.cache.OpenBlob(ctx, o.store, e, o.table) })
 	if err != nil {
 		return nil, err
 	}
 	o.mu.Lock()
-	o.blobs[e.BlobIndex] = b
+	o.blobs[e.BlobIndex] = ref.Blob
 	o.mu.Unlock()
-	return b, nil
+	return ref, nil
+}
+
+// sharedBlobs are the cache blobs open in this process, by blob id, with
+// how many images use each: the cache lets a blob be opened once.
+type sharedBlobs struct {
+	mu    sync.Mutex
+	blobs map[string]*sharedBlob
+}
+
+type sharedBlob struct {
+	blob *blobcache.Blob
+	refs int
+}
+
+// blobRef is one image's use of a shared blob; closing it closes the blob
+// when no other image uses it.
+type blobRef struct {
+	*blobcache.Blob
+	id     string
+	shared *sharedBlobs
+	once   sync.Once
+}
+
+func (s *sharedBlobs) open(id string, open func() (*blobcache.Blob, error)) (*blobRef, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.blobs == nil {
+		s.blobs = map[string]*sharedBlob{}
+	}
+	sb := s.blobs[id]
+	if sb == nil {
+		b, err := open()
+		if err != nil {
+			return nil, err
+		}
+		sb = &sharedBlob{blob: b}
+		s.blobs[id] = sb
+	}
+	sb.refs++
+	return &blobRef{Blob: sb.blob, id: id, shared: s}, nil
+}
+
+func (r *blobRef) Close() error {
+	var err error
+	r.once.Do(func() {
+		s := r.shared
+		s.mu.Lock()
+		sb := s.blobs[r.id]
+		sb.refs--
+		last := sb.refs == 0
+		if last {
+			delete(s.blobs, r.id)
+		}
+		s.mu.Unlock()
+		if last {
+			err = sb.blob.Close()
+		}
+	})
+	return err
 }
 
 // prefetch starts background fetching of the bootstrap's prefetch table
@@ -304,9 +368,6 @@ func (o *cachedBlobs) prefetch(img *rafs.Image, all bool, paths []string) error 
 	}
 	return nil
 }
-
-// Close closes the blobs still open and unlocks the cache.
-func (o *cachedBlobs) Close() error { return o.cache.Close() }
 
 func runCacheFetch(c *cli.Context) error {
 	log := logger(c)

@@ -107,11 +107,12 @@ func TestCachedBlobsDevice(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cb, err := newCachedBlobs(root, localfs.New(filepath.Dir(boot)), ri.ChunkTable, nil)
-		ri.Close()
+		cache, err := openBlobCache(root, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
+		cb := newCachedBlobs(cache, new(sharedBlobs), localfs.New(filepath.Dir(boot)), ri.ChunkTable)
+		ri.Close()
 		img, err := blockdev.Open(context.Background(), boot, cb)
 		if err != nil {
 			t.Fatal(err)
@@ -131,7 +132,7 @@ func TestCachedBlobsDevice(t *testing.T) {
 			t.Errorf("second run fetched %d times", st.BackendReads)
 		}
 		img.Close()
-		if err := cb.Close(); err != nil {
+		if err := cache.Close(); err != nil {
 			t.Fatal(err)
 		}
 	}

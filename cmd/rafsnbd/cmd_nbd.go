@@ -108,7 +108,7 @@ func openNBDSource(c *cli.Context) (*nbdSource, error) {
 // backend id names the bootstrap's absolute path or the image reference, so
 // a restarted server finds its device.
 func openImageSource(c *cli.Context) (*nbdSource, error) {
-	id, _, err := imageIdentity(c)
+	id, _, err := flagSource(c).identity()
 	if err != nil {
 		return nil, err
 	}

@@ -22,9 +22,10 @@ func init() {
 		Name:      "serve",
 		Usage:     "serve disks read-only to NBD network clients (qemu, nbdinfo, nbdcopy, nbdfuse, nbd-client)",
 		ArgsUsage: " ",
-		Description: `Serves an image composed from its bootstrap and blobs (-B/-D, optionally
-lazily through --cache-dir, from -D or --registry), and any number of flat
-disk files (EROFS images such as 'rafsnbd export' writes), as named,
+		Description: `Serves images composed from their bootstraps and blobs (-B, repeatable, with
+blobs from -D, or lazily through --cache-dir from -D or --registry), images
+converted by 'rafsnbd convert' (--image REF --cache-dir DIR, repeatable), and
+flat disk files (EROFS images such as 'rafsnbd export' writes), as named,
 read-only NBD exports until interrupted. Clients speak the
 fixed-newstyle NBD protocol; no kernel NBD driver is needed on this side.
 
@@ -34,8 +35,9 @@ fixed-newstyle NBD protocol; no kernel NBD driver is needed on this side.
   nbdcopy 'nbd+unix:///image?socket=/tmp/nbd.sock' copy.disk
   qemu-img info nbd://127.0.0.1:10809/image     # with --listen tcp:127.0.0.1:10809
 
-Each --disk becomes an export named by the matching --name (first --name for
-the first --disk, and so on), or by the file's base name without extension.
+Each image and --disk becomes an export named by the matching --name (in
+the order -B images, --image images, --disk files), or by default after the
+bootstrap or disk file's base name, or the image reference's tag.
 The empty export name (as in 'nbd+unix:///?socket=...') selects the first
 export. Once listening, one URI per export is printed on stdout.
 
@@ -43,10 +45,10 @@ NBD has no authentication or encryption here, so by default only a unix
 socket or a loopback address is accepted; binding any other address needs
 --allow-remote. SIGINT or SIGTERM stops accepting, lets every client's
 in-flight reads finish, and exits 0.`,
-		Flags: append(append(imageFlags(), prefetchFlags()...),
+		Flags: append(append(multiImageFlags(), prefetchFlags()...),
 			&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
 			&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
-			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: the -B image's, then each --disk's (repeatable)"},
+			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: each -B image's, each --image's, then each --disk's (repeatable)"},
 			&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
 			&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
 			&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a pprof CPU profile of the whole run to `FILE` (for scripts/bench-nbd.sh)"},
@@ -116,8 +118,8 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 	var closers []func() error
 	closeAll := func() error {
 		var errs []error
-		for _, f := range closers {
-			errs = append(errs, f())
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
 		}
 		return errors.Join(errs...)
 	}
@@ -128,26 +130,37 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 
 	disks, names := c.StringSlice("disk"), c.StringSlice("name")
 	sources := make([]string, 0, len(disks)+1) // what each export serves, for messages
-	if haveImage(c) {
-		img, err := openImage(c, true)
-		if err != nil {
-			return fail(err)
+	var images []imageSource
+	for _, b := range c.StringSlice("bootstrap") {
+		images = append(images, imageSource{bootstrap: b})
+	}
+	for _, r := range c.StringSlice("image") {
+		images = append(images, imageSource{ref: r})
+	}
+	if len(images) > 0 {
+		opener := &imageOpener{c: c}
+		closers = append(closers, opener.Close) // closed last: closeAll runs backwards
+		for _, src := range images {
+			img, err := opener.open(src, true)
+			if err != nil {
+				return fail(err)
+			}
+			closers = append(closers, img.Close)
+			id, name, err := src.identity()
+			if err != nil {
+				return fail(err)
+			}
+			if len(names) > 0 {
+				name, names = names[0], names[1:]
+			}
+			exports = append(exports, nbd.Export{
+				Name:        name,
+				Description: "RAFS image " + strings.TrimPrefix(strings.TrimPrefix(id, "rafsnbd:image:"), "rafsnbd:ref:"),
+				Device:      img,
+				BlockSize:   img.BlockSize(),
+			})
+			sources = append(sources, id)
 		}
-		closers = append(closers, img.Close)
-		id, name, err := imageIdentity(c)
-		if err != nil {
-			return fail(err)
-		}
-		if len(names) > 0 {
-			name, names = names[0], names[1:]
-		}
-		exports = append(exports, nbd.Export{
-			Name:        name,
-			Description: "RAFS image " + strings.TrimPrefix(strings.TrimPrefix(id, "rafsnbd:image:"), "rafsnbd:ref:"),
-			Device:      img,
-			BlockSize:   img.BlockSize(),
-		})
-		sources = append(sources, id)
 	}
 	if len(names) > len(disks) {
 		return fail(fmt.Errorf("too many --name flags: one per image and --disk"))

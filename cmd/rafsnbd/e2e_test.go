@@ -407,3 +407,29 @@ func TestVerityCommandMatchesVeritysetup(t *testing.T) {
 		}
 	}
 }
+
+// One serve, several exports: the same image twice through one lazy cache
+// (the cache is locked per process, so both must share it) and a flat disk;
+// nbdcopy of each gives the fixture's golden device bytes.
+func TestServeSeveralImages(t *testing.T) {
+	testutil.RequireTool(t, "nbdcopy", "nbdinfo")
+	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
+	const deviceSHA = "817ff91aaaabde208168c2086395e3dbd75d89239d3ef79a84302aa38b2bf2e6"
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "fixture.disk")
+	run(t, bin, "--log-level", "warn", "export", "-B", boot, "-D", filepath.Dir(boot), "-o", disk)
+	uri := startServe(t, bin, "-B", boot, "-B", boot, "-D", filepath.Dir(boot), "--cache-dir", filepath.Join(dir, "cache"),
+		"--disk", disk, "--name", "first", "--name", "second", "--name", "flat")
+	list := run(t, "nbdinfo", "--list", "--json", uri)
+	for _, name := range []string{"first", "second", "flat"} {
+		if !strings.Contains(list, `"export-name": "`+name+`"`) {
+			t.Fatalf("export %q missing from nbdinfo --list:\n%s", name, list)
+		}
+		out := filepath.Join(dir, name+".img")
+		run(t, "nbdcopy", strings.Replace(uri, "/first?", "/"+name+"?", 1), out)
+		if got := fileSHA256(t, out, 2134016); got != deviceSHA {
+			t.Errorf("export %s: sha256 %s, want %s", name, got, deviceSHA)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/oci"
@@ -26,49 +27,113 @@ func imageFlags() []cli.Flag {
 	}, blobSourceFlags()...)
 }
 
-// imageIdentity names the image the flags select: a stable identifier (for
-// the kernel's backend id, so a restarted server finds its device) and a
-// short name (a default export name).
-func imageIdentity(c *cli.Context) (id, short string, err error) {
-	if ref := c.String("image"); ref != "" {
-		short = ref
+// imageSource is one image named on the command line: a bootstrap (with
+// blobs from -D, --registry or the cache), or a reference to an image
+// 'rafsnbd convert' left in --cache-dir.
+type imageSource struct {
+	bootstrap string
+	ref       string
+}
+
+// flagSource is the image of a command that composes one.
+func flagSource(c *cli.Context) imageSource {
+	return imageSource{bootstrap: c.String("bootstrap"), ref: c.String("image")}
+}
+
+// identity names the image: a stable identifier (for the kernel's backend
+// id, so a restarted server finds its device) and a short name (a default
+// export name).
+func (s imageSource) identity() (id, short string, err error) {
+	if s.ref != "" {
+		short = s.ref
 		if i := strings.LastIndexAny(short, "/:"); i >= 0 && i < len(short)-1 {
 			short = short[i+1:]
 		}
-		return "rafsnbd:ref:" + ref, short, nil
+		return "rafsnbd:ref:" + s.ref, short, nil
 	}
-	abs, err := filepath.Abs(c.String("bootstrap"))
+	abs, err := filepath.Abs(s.bootstrap)
 	if err != nil {
 		return "", "", err
 	}
 	return "rafsnbd:image:" + abs, strings.TrimSuffix(filepath.Base(abs), filepath.Ext(abs)), nil
 }
 
-// lazyBlobs reports whether the image's blob bytes come through the lazy
-// cache, so that a read may wait for a fetch from the network.
+// lazyBlobs reports whether blob bytes come through the lazy cache, so that
+// a read may wait for a fetch from the network.
 func lazyBlobs(c *cli.Context) bool {
 	return c.IsSet("bootstrap") && c.String("cache-dir") != ""
+}
+
+// multiImageFlags are imageFlags for a command that takes several images:
+// -B and --image repeat, and share -D, --registry and --cache-dir.
+func multiImageFlags() []cli.Flag {
+	flags := imageFlags()
+	for i, f := range flags {
+		switch f.Names()[0] {
+		case "bootstrap":
+			flags[i] = &cli.StringSliceFlag{Name: "bootstrap", Aliases: []string{"B"}, Usage: "RAFS v6 bootstrap `FILE` of an image to serve (repeatable)"}
+		case "image":
+			flags[i] = &cli.StringSliceFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir (repeatable)"}
+		}
+	}
+	return flags
 }
 
 // haveImage reports whether the image flags were given.
 func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") || c.IsSet("image") }
 
-// openImage composes the image named by the image flags into a device.
+// openImage composes the image named by the image flags into a device;
+// closing it releases everything it opened.
+func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
+	if c.IsSet("image") && (c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry")) {
+		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D and --registry")
+	}
+	o := &imageOpener{c: c}
+	img, err := o.open(flagSource(c), withPrefetch)
+	if err != nil {
+		o.Close()
+		return nil, err
+	}
+	img.AddCloser(o)
+	return img, nil
+}
+
+// imageOpener composes images for one command. It opens the blob cache once
+// (the cache is locked per process) and closes it last.
+type imageOpener struct {
+	c      *cli.Context
+	cache  *blobcache.Cache
+	shared sharedBlobs
+}
+
+// Close unlocks the blob cache, after the images using it are closed.
+func (o *imageOpener) Close() error {
+	if o.cache == nil {
+		return nil
+	}
+	err := o.cache.Close()
+	o.cache = nil
+	return err
+}
+
+// open composes one image.
 //
 // Without --cache-dir, blobs are read from -D directly (compressed blobs
 // are decompressed chunk by chunk as they are read). With --cache-dir, blob
 // bytes come from -D or --registry through the blob cache: fetched lazily,
 // verified against their chunk digests and kept across restarts; then
 // withPrefetch starts the background prefetch of the bootstrap's prefetch
-// table and of --prefetch/--prefetch-all.
-func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
+// table and of --prefetch/--prefetch-all. A converted image (--image) is
+// read from the cache's layer tars directly.
+func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image, error) {
+	c := o.c
 	log := logger(c)
-	boot, dir, cacheRoot := c.String("bootstrap"), c.String("blob-dir"), c.String("cache-dir")
-	if ref := c.String("image"); ref != "" {
-		return openConvertedImage(c, ref)
+	if src.ref != "" {
+		return openConvertedImage(c, src.ref)
 	}
+	boot, dir, cacheRoot := src.bootstrap, c.String("blob-dir"), c.String("cache-dir")
 	if boot == "" {
-		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR or --registry REPO)")
+		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR or --registry REPO), or --image REF")
 	}
 	if c.String("registry") != "" && cacheRoot == "" {
 		return nil, errors.New("--registry reads blobs lazily into a cache: give --cache-dir DIR too")
@@ -92,17 +157,17 @@ func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
 			ri.Close()
 			return nil, err
 		}
-		cb, err := newCachedBlobs(cacheRoot, store, ri.ChunkTable, log)
-		if err != nil {
-			ri.Close()
-			return nil, err
+		if o.cache == nil {
+			if o.cache, err = openBlobCache(cacheRoot, log); err != nil {
+				ri.Close()
+				return nil, err
+			}
 		}
+		cb := newCachedBlobs(o.cache, &o.shared, store, ri.ChunkTable)
 		img, err = blockdev.OpenRafs(c.Context, ri, cb)
 		if err != nil {
-			cb.Close()
 			return nil, fmt.Errorf("%s: %w", boot, err)
 		}
-		img.AddCloser(cb)
 		if withPrefetch {
 			if err := cb.prefetch(img.Rafs, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
 				img.Close()
@@ -118,9 +183,6 @@ func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
 // openConvertedImage composes an image that 'rafsnbd convert' left in the
 // cache: its merged bootstrap and the layer tars beside it, read directly.
 func openConvertedImage(c *cli.Context, ref string) (*blockdev.Image, error) {
-	if c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry") {
-		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D and --registry")
-	}
 	cacheRoot := c.String("cache-dir")
 	if cacheRoot == "" {
 		return nil, errors.New("--image needs --cache-dir DIR: where 'rafsnbd convert' put it")
