@@ -216,13 +216,41 @@ func runCacheGC(c *cli.Context) error {
 // openBlobStore returns where blob bytes come from: the OCI repository of
 // --registry, or the directory of -D.
 func openBlobStore(c *cli.Context) (blobcache.Store, error) {
-	if repo := c.String("registry"); repo != "" {
+	dir, repo, err := blobSource(c)
+	if err != nil {
+		return nil, err
+	}
+	if repo != "" {
 		return registry.New(repo, registry.Options{Insecure: c.Bool("insecure")})
 	}
-	if dir := c.String("blob-dir"); dir != "" {
+	if dir != "" {
 		return localfs.New(dir), nil
 	}
 	return nil, errors.New("no blob source: give -D BLOBDIR or --registry REPO")
+}
+
+// blobSource says where blob bytes come from: a directory (-D, or
+// --backend localfs:DIR) or an OCI repository (--registry, or --backend
+// registry:REPO).
+func blobSource(c *cli.Context) (dir, repo string, err error) {
+	dir, repo = c.String("blob-dir"), c.String("registry")
+	if spec := c.String("backend"); spec != "" {
+		if dir != "" || repo != "" {
+			return "", "", errors.New("--backend says where blobs are: drop -D and --registry")
+		}
+		kind, arg, _ := strings.Cut(spec, ":")
+		switch {
+		case arg == "":
+			return "", "", fmt.Errorf("--backend %q: want localfs:DIR or registry:REPO", spec)
+		case kind == "localfs":
+			dir = arg
+		case kind == "registry":
+			repo = arg
+		default:
+			return "", "", fmt.Errorf("--backend %q: unknown backend %q (want localfs or registry)", spec, kind)
+		}
+	}
+	return dir, repo, nil
 }
 
 // blobCacheSubdir is where lazily fetched blob data lives under
@@ -236,6 +264,7 @@ const blobCacheSubdir = "blobcache"
 func blobSourceFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "registry", Usage: "read blobs from OCI repository `REPO` (host[:port]/path), blob sha256:<blob id>, through the cache"},
+		&cli.StringFlag{Name: "backend", Usage: "where blobs are, as `SPEC` localfs:DIR or registry:REPO (the same as -D DIR or --registry REPO)"},
 		&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
 	}
 }

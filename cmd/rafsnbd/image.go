@@ -85,8 +85,8 @@ func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") || c.IsSet("im
 // openImage composes the image named by the image flags into a device;
 // closing it releases everything it opened.
 func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
-	if c.IsSet("image") && (c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry")) {
-		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D and --registry")
+	if c.IsSet("image") && (c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry") || c.IsSet("backend")) {
+		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D, --registry and --backend")
 	}
 	o := &imageOpener{c: c}
 	img, err := o.open(flagSource(c), withPrefetch)
@@ -131,11 +131,15 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 	if src.ref != "" {
 		return openConvertedImage(c, src.ref)
 	}
-	boot, dir, cacheRoot := src.bootstrap, c.String("blob-dir"), c.String("cache-dir")
+	boot, cacheRoot := src.bootstrap, c.String("cache-dir")
 	if boot == "" {
 		return nil, errors.New("no image: give -B BOOTSTRAP (and -D BLOBDIR or --registry REPO), or --image REF")
 	}
-	if c.String("registry") != "" && cacheRoot == "" {
+	dir, repo, err := blobSource(c)
+	if err != nil {
+		return nil, err
+	}
+	if repo != "" && cacheRoot == "" {
 		return nil, errors.New("--registry reads blobs lazily into a cache: give --cache-dir DIR too")
 	}
 	if cacheRoot == "" && dir == "" {
