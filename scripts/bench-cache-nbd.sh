@@ -20,7 +20,7 @@ trap cleanup EXIT
 
 mkdir -p "$W/src"
 for i in $(seq 1 $((SIZE_MB / 8))); do
-  { head -c $((4 << 20)) /dev/urandom; yes "rafsnbd cache benchmark line $i" | head -c $((4 << 20)); } >"$W/src/f$i"
+  { head -c $((4 << 20)) /dev/urandom; head -c $((4 << 20)) < <(yes "rafsnbd cache benchmark line $i"); } >"$W/src/f$i"
 done
 "$R" --log-level warn create -B "$W/img.boot" -D "$W/blobs" "$W/src" >/dev/null
 rm -rf "$W/src"
