@@ -190,6 +190,18 @@ const (
 	blobFeatureIncompatUnknown = 0xF000 | 0x8000_0000
 )
 
+// File type bits of i_mode, as in st_mode.
+const (
+	ModeTypeMask = 0xF000
+	ModeSocket   = 0xC000
+	ModeSymlink  = 0xA000
+	ModeRegular  = 0x8000
+	ModeBlock    = 0x6000
+	ModeDir      = 0x4000
+	ModeChar     = 0x2000
+	ModeFifo     = 0x1000
+)
+
 // Inode i_format bits (§6).
 const (
 	InodeFormatExtended = 0x1

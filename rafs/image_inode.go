@@ -6,18 +6,6 @@ import (
 	"time"
 )
 
-// File type bits of Entry.Mode (st_mode).
-const (
-	ModeTypeMask = 0xF000
-	ModeSocket   = 0xC000
-	ModeSymlink  = 0xA000
-	ModeRegular  = 0x8000
-	ModeBlock    = 0x6000
-	ModeDir      = 0x4000
-	ModeChar     = 0x2000
-	ModeFifo     = 0x1000
-)
-
 // Xattr is one extended attribute with its full name, prefix included
 // ("user.foo", "system.posix_acl_access").
 type Xattr struct {

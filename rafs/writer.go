@@ -14,18 +14,6 @@ import (
 // (spec §13). The layout is a pure function of the tree, the blob list and
 // the options, so equal inputs give byte-identical bootstraps.
 
-// File type bits of st_mode, as Linux stores them in i_mode.
-const (
-	wrModeType    = 0o170000
-	wrModeSock    = 0o140000
-	wrModeSymlink = 0o120000
-	wrModeReg     = 0o100000
-	wrModeBlk     = 0o060000
-	wrModeDir     = 0o040000
-	wrModeChr     = 0o020000
-	wrModeFifo    = 0o010000
-)
-
 const (
 	// wrMappedAlign is the alignment of each blob's first block in the flat
 	// device (§4: roundup(pos, 512 KiB)).
@@ -174,7 +162,7 @@ type wrDirent struct {
 	ftype uint8
 }
 
-func (wi *wrInode) typ() uint32 { return wi.n.Mode & wrModeType }
+func (wi *wrInode) typ() uint32 { return wi.n.Mode & ModeTypeMask }
 
 func (wi *wrInode) inodeSize() int64 {
 	if wi.extended {
@@ -229,7 +217,7 @@ func newWrLayout(root *Node, blobs []BlobInfo, opts WriteOptions) (*wrLayout, er
 	if len(blobs) > MaxBlobs {
 		return nil, fmt.Errorf("rafs: %d blobs, at most %d fit a bootstrap", len(blobs), MaxBlobs)
 	}
-	if root == nil || root.Link != nil || root.Mode&wrModeType != wrModeDir {
+	if root == nil || root.Link != nil || root.Mode&ModeTypeMask != ModeDir {
 		return nil, fmt.Errorf("rafs: the root must be a directory")
 	}
 	l := &wrLayout{
@@ -281,7 +269,7 @@ func (l *wrLayout) collect(root *Node) error {
 	l.inodes = append(l.inodes, rw)
 	for i := 0; i < len(l.inodes); i++ {
 		d := l.inodes[i]
-		if d.typ() != wrModeDir {
+		if d.typ() != ModeDir {
 			continue
 		}
 		kids := slices.Clone(d.n.Children)
@@ -307,12 +295,12 @@ func (l *wrLayout) collect(root *Node) error {
 				if target.Link != nil {
 					return fmt.Errorf("rafs: %q: hard link to a hard link; link to its target", path)
 				}
-				if target.Mode&wrModeType == wrModeDir {
+				if target.Mode&ModeTypeMask == ModeDir {
 					return fmt.Errorf("rafs: %q: hard link to a directory", path)
 				}
 			}
 			wi, seen := l.byNode[target]
-			if seen && wi.typ() == wrModeDir {
+			if seen && wi.typ() == ModeDir {
 				return fmt.Errorf("rafs: %q: directory already in the tree at %q", path, wi.path)
 			}
 			if !seen {
@@ -323,7 +311,7 @@ func (l *wrLayout) collect(root *Node) error {
 				l.byNode[target] = wi
 				l.inodes = append(l.inodes, wi)
 			}
-			if wi.typ() == wrModeDir {
+			if wi.typ() == ModeDir {
 				subdirs++
 			} else {
 				wi.nlink++
@@ -364,24 +352,24 @@ func (l *wrLayout) prepare(wi *wrInode) error {
 		l.hasXattr = true
 	}
 	switch wi.typ() {
-	case wrModeDir:
+	case ModeDir:
 		// sized once its entries are known
-	case wrModeSymlink:
+	case ModeSymlink:
 		if n.Target == "" || len(n.Target) > wrMaxSymlinkLen {
 			return fmt.Errorf("rafs: %q: symlink target must be 1 to %d bytes, got %d", wi.path, wrMaxSymlinkLen, len(n.Target))
 		}
 		wi.size = uint64(len(n.Target))
-	case wrModeReg:
+	case ModeRegular:
 		wi.size = n.Size
 		wi.layout = LayoutChunkBased
 		if err := l.prepareChunks(wi); err != nil {
 			return fmt.Errorf("rafs: %q: %w", wi.path, err)
 		}
-	case wrModeChr, wrModeBlk:
+	case ModeChar, ModeBlock:
 		if n.RdevMajor > 0xFFF || n.RdevMinor > 0xF_FFFF {
 			return fmt.Errorf("rafs: %q: device %d:%d does not fit EROFS' 32-bit rdev", wi.path, n.RdevMajor, n.RdevMinor)
 		}
-	case wrModeFifo, wrModeSock:
+	case ModeFifo, ModeSocket:
 	default:
 		return fmt.Errorf("rafs: %q: unknown file type in mode %#o", wi.path, n.Mode)
 	}
@@ -477,7 +465,7 @@ func (l *wrLayout) place() error {
 		pos = wrRoundUp(pos, InodeSlotSize)
 		head := wi.head()
 		switch wi.typ() {
-		case wrModeDir, wrModeSymlink:
+		case ModeDir, ModeSymlink:
 			tail := int64(wi.size % uint64(l.bs))
 			if tail > 0 && head+tail <= l.bs {
 				wi.layout = LayoutFlatInline
@@ -491,7 +479,7 @@ func (l *wrLayout) place() error {
 				wi.pos = pos
 				pos += head
 			}
-		case wrModeReg:
+		case ModeRegular:
 			wi.pos = pos
 			pos = wrRoundUp(pos+head, ChunkIndexSize) + ChunkIndexSize*int64(len(wi.chunks))
 		default:
@@ -505,7 +493,7 @@ func (l *wrLayout) place() error {
 	}
 	data := wrRoundUp(pos, l.bs)
 	for _, wi := range l.inodes {
-		if wi.typ() != wrModeDir && wi.typ() != wrModeSymlink {
+		if wi.typ() != ModeDir && wi.typ() != ModeSymlink {
 			continue
 		}
 		nblk := int64(wi.size) >> l.bsBits // full blocks; the tail is inline
@@ -653,11 +641,11 @@ func (l *wrLayout) encodeInode(img []byte, wi *wrInode) error {
 		MtimeNsec:  n.MtimeNsec,
 	}
 	switch wi.typ() {
-	case wrModeDir, wrModeSymlink:
+	case ModeDir, ModeSymlink:
 		ino.U = wi.blkaddr
-	case wrModeReg:
+	case ModeRegular:
 		ino.U = uint32(wi.chunkFmt)
-	case wrModeChr, wrModeBlk:
+	case ModeChar, ModeBlock:
 		// The kernel's new_encode_dev layout.
 		ino.U = n.RdevMinor&0xFF | n.RdevMajor<<8 | (n.RdevMinor&^0xFF)<<12
 	}
@@ -669,15 +657,15 @@ func (l *wrLayout) encodeInode(img []byte, wi *wrInode) error {
 	tailPos += int64(len(wi.xattrs))
 
 	switch wi.typ() {
-	case wrModeReg:
+	case ModeRegular:
 		p := wrRoundUp(tailPos, ChunkIndexSize)
 		for _, c := range wi.chunks {
 			c.Encode(img[p:])
 			p += ChunkIndexSize
 		}
-	case wrModeSymlink:
+	case ModeSymlink:
 		l.placeData(img, wi, tailPos, []byte(n.Target))
-	case wrModeDir:
+	case ModeDir:
 		body := make([]byte, wi.size)
 		for bi, r := range wi.dirBlocks {
 			l.encodeDirBlock(body[int64(bi)<<l.bsBits:], wi.dirents[r[0]:r[1]])
@@ -758,20 +746,20 @@ func wrCheckName(name string) error {
 }
 
 func wrFileType(mode uint32) uint8 {
-	switch mode & wrModeType {
-	case wrModeReg:
+	switch mode & ModeTypeMask {
+	case ModeRegular:
 		return FileTypeReg
-	case wrModeDir:
+	case ModeDir:
 		return FileTypeDir
-	case wrModeChr:
+	case ModeChar:
 		return FileTypeChr
-	case wrModeBlk:
+	case ModeBlock:
 		return FileTypeBlk
-	case wrModeFifo:
+	case ModeFifo:
 		return FileTypeFifo
-	case wrModeSock:
+	case ModeSocket:
 		return FileTypeSock
-	case wrModeSymlink:
+	case ModeSymlink:
 		return FileTypeSymlink
 	}
 	return FileTypeUnknown

@@ -106,7 +106,7 @@ func (w *dirWalker) stat(path string) (*inode, error) {
 		return nil, fmt.Errorf("build: %s: %w", path, err)
 	}
 	id := devIno{uint64(st.Dev), st.Ino}
-	if st.Mode&sIFMT != sIFDIR && st.Nlink > 1 {
+	if st.Mode&rafs.ModeTypeMask != rafs.ModeDir && st.Nlink > 1 {
 		if in, ok := w.links[id]; ok {
 			return in, nil
 		}
@@ -116,33 +116,33 @@ func (w *dirWalker) stat(path string) (*inode, error) {
 	m.Mode = st.Mode
 	m.UID, m.GID = st.Uid, st.Gid
 	m.Mtime, m.MtimeNsec = st.Mtim.Sec, uint32(st.Mtim.Nsec)
-	switch st.Mode & sIFMT {
-	case sIFDIR:
+	switch st.Mode & rafs.ModeTypeMask {
+	case rafs.ModeDir:
 		in.children = make(map[string]*inode)
-	case sIFREG:
+	case rafs.ModeRegular:
 		m.Size = uint64(st.Size)
 		in.srcPath = path
 		if m.Size > 0 {
 			w.files = append(w.files, in)
 		}
-	case sIFLNK:
+	case rafs.ModeSymlink:
 		target, err := os.Readlink(path)
 		if err != nil {
 			return nil, fmt.Errorf("build: %w", err)
 		}
 		m.Target = target
-	case sIFCHR, sIFBLK:
+	case rafs.ModeChar, rafs.ModeBlock:
 		m.RdevMajor, m.RdevMinor = unix.Major(st.Rdev), unix.Minor(st.Rdev)
-	case sIFIFO, sIFSOCK:
+	case rafs.ModeFifo, rafs.ModeSocket:
 	default:
-		return nil, fmt.Errorf("build: %s: unsupported file type %#o", path, st.Mode&sIFMT)
+		return nil, fmt.Errorf("build: %s: unsupported file type %#o", path, st.Mode&rafs.ModeTypeMask)
 	}
 	xattrs, err := readXattrs(path)
 	if err != nil {
 		return nil, err
 	}
 	m.Xattrs = xattrs
-	if st.Mode&sIFMT != sIFDIR && st.Nlink > 1 {
+	if st.Mode&rafs.ModeTypeMask != rafs.ModeDir && st.Nlink > 1 {
 		w.links[id] = in
 	}
 	return in, nil

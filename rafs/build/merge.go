@@ -102,7 +102,7 @@ func Merge(ctx context.Context, layers []*rafs.Image, out io.Writer, opts MergeO
 		Digester:      first.Digester(),
 		Tarfs:         first.IsTarfs(),
 	}
-	m := &merger{ctx: ctx, root: &mergeNode{node: &rafs.Node{Mode: sIFDIR | 0o755}, kids: map[string]*mergeNode{}}}
+	m := &merger{ctx: ctx, root: &mergeNode{node: &rafs.Node{Mode: rafs.ModeDir | 0o755}, kids: map[string]*mergeNode{}}}
 	blobIndex := map[string]int{}
 	for i, img := range layers {
 		name := opts.name(i)
@@ -337,7 +337,7 @@ func (m *merger) convert(e *rafs.Entry) *rafs.Node {
 // toNode builds the writer's tree; children are sorted by the writer.
 func (mn *mergeNode) toNode(name string) *rafs.Node {
 	n := mn.node
-	if n.Link == nil && n.Mode&sIFMT == sIFDIR {
+	if n.Link == nil && n.Mode&rafs.ModeTypeMask == rafs.ModeDir {
 		// A directory's node is never shared, so it can be filled in place.
 		n.Children = make([]*rafs.Node, 0, len(mn.kids))
 		for k, c := range mn.kids {

@@ -235,23 +235,23 @@ func applyTarEntry(t *pathTree, hdr *tar.Header, dataOff, tarSize int64) error {
 		if (dataOff+hdr.Size)/tarfsBlockSize > 0xFFFF_FFFF {
 			return fmt.Errorf("data beyond 2 TiB cannot be addressed in 512-byte blocks")
 		}
-		m.Mode |= sIFREG
+		m.Mode |= rafs.ModeRegular
 		m.Size = uint64(hdr.Size)
 		in.dataOff = dataOff
 	case tar.TypeDir:
-		m.Mode |= sIFDIR
+		m.Mode |= rafs.ModeDir
 		in.children = make(map[string]*inode)
 	case tar.TypeSymlink:
-		m.Mode |= sIFLNK
+		m.Mode |= rafs.ModeSymlink
 		m.Target = hdr.Linkname
 	case tar.TypeChar, tar.TypeBlock:
 		if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 0xFFFF_FFFF || hdr.Devminor > 0xFFFF_FFFF {
 			return fmt.Errorf("device %d:%d out of range", hdr.Devmajor, hdr.Devminor)
 		}
-		m.Mode |= map[byte]uint32{tar.TypeChar: sIFCHR, tar.TypeBlock: sIFBLK}[hdr.Typeflag]
+		m.Mode |= map[byte]uint32{tar.TypeChar: rafs.ModeChar, tar.TypeBlock: rafs.ModeBlock}[hdr.Typeflag]
 		m.RdevMajor, m.RdevMinor = uint32(hdr.Devmajor), uint32(hdr.Devminor)
 	case tar.TypeFifo:
-		m.Mode |= sIFIFO
+		m.Mode |= rafs.ModeFifo
 	case tar.TypeGNUSparse:
 		return errors.New("GNU sparse files are not supported")
 	default:

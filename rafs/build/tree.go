@@ -20,23 +20,12 @@ type inode struct {
 	dataOff int64
 }
 
-const (
-	sIFMT   = 0o170000
-	sIFSOCK = 0o140000
-	sIFLNK  = 0o120000
-	sIFREG  = 0o100000
-	sIFBLK  = 0o060000
-	sIFDIR  = 0o040000
-	sIFCHR  = 0o020000
-	sIFIFO  = 0o010000
-)
-
-func (i *inode) isDir() bool { return i.meta.Mode&sIFMT == sIFDIR }
-func (i *inode) isReg() bool { return i.meta.Mode&sIFMT == sIFREG }
+func (i *inode) isDir() bool { return i.meta.Mode&rafs.ModeTypeMask == rafs.ModeDir }
+func (i *inode) isReg() bool { return i.meta.Mode&rafs.ModeTypeMask == rafs.ModeRegular }
 
 func newDir(mode uint32) *inode {
 	in := &inode{children: make(map[string]*inode)}
-	in.meta.Mode = sIFDIR | mode&0o7777
+	in.meta.Mode = rafs.ModeDir | mode&0o7777
 	return in
 }
 
