@@ -130,36 +130,56 @@ func deviceSize(f *os.File) (int64, error) {
 	return n, nil
 }
 
+// openVerityFiles opens the data and the hash file (the same file when the
+// tree is appended; the hash file is created when writing) and works out
+// the tree's parameters from the flags and the data size.
+func openVerityFiles(c *cli.Context, dataPath, hashPath string, appended, write bool) (data, hash *os.File, p verity.Params, closeFiles func(), err error) {
+	dataFlag := os.O_RDONLY
+	if appended && write {
+		dataFlag = os.O_RDWR
+	}
+	if data, err = os.OpenFile(dataPath, dataFlag, 0); err != nil {
+		return nil, nil, p, nil, err
+	}
+	hash = data
+	closeFiles = func() {
+		if hash != data {
+			hash.Close()
+		}
+		data.Close()
+	}
+	size, err := deviceSize(data)
+	if err == nil {
+		p, err = verityParams(c, size, appended)
+	}
+	if err == nil && !appended {
+		hashFlag := os.O_RDONLY
+		if write {
+			hashFlag = os.O_RDWR | os.O_CREATE
+		}
+		hash, err = os.OpenFile(hashPath, hashFlag, 0o644)
+		if err != nil {
+			hash = data
+		}
+	}
+	if err != nil {
+		closeFiles()
+		return nil, nil, p, nil, err
+	}
+	return data, hash, p, closeFiles, nil
+}
+
 func runVerityFormat(c *cli.Context) error {
 	args := c.Args().Slice()
 	if len(args) < 1 || len(args) > 2 {
 		return fmt.Errorf("verity format: want DATA [HASHFILE], got %d arguments", len(args))
 	}
 	appended := len(args) == 1
-	flag := os.O_RDONLY
-	if appended {
-		flag = os.O_RDWR
-	}
-	data, err := os.OpenFile(args[0], flag, 0)
+	data, out, p, closeFiles, err := openVerityFiles(c, args[0], args[len(args)-1], appended, true)
 	if err != nil {
 		return err
 	}
-	defer data.Close()
-	size, err := deviceSize(data)
-	if err != nil {
-		return err
-	}
-	p, err := verityParams(c, size, appended)
-	if err != nil {
-		return err
-	}
-	out := data
-	if !appended {
-		if out, err = os.OpenFile(args[1], os.O_RDWR|os.O_CREATE, 0o644); err != nil {
-			return err
-		}
-		defer out.Close()
-	}
+	defer closeFiles()
 	log := logger(c)
 	log.Debug().Str("data", args[0]).Uint64("blocks", p.DataBlocks).Int("block_size", p.DataBlockSize).
 		Uint64("hash_offset", p.HashOffset).Uint64("tree_bytes", p.TreeSize()).Msg("building dm-verity tree")
@@ -232,26 +252,11 @@ func runVerityVerify(c *cli.Context) error {
 	if appended && !c.IsSet("data-blocks") {
 		return errors.New("verity verify: with the tree appended to DATA, pass --data-blocks (format printed it)")
 	}
-	data, err := os.Open(args[0])
+	data, hashFile, p, closeFiles, err := openVerityFiles(c, args[0], args[1], appended, false)
 	if err != nil {
 		return err
 	}
-	defer data.Close()
-	size, err := deviceSize(data)
-	if err != nil {
-		return err
-	}
-	p, err := verityParams(c, size, appended)
-	if err != nil {
-		return err
-	}
-	hashFile := data
-	if !appended {
-		if hashFile, err = os.Open(args[1]); err != nil {
-			return err
-		}
-		defer hashFile.Close()
-	}
+	defer closeFiles()
 	update, finish := newProgress(int64(p.DataSize()), "verifying")
 	err = verity.Verify(c.Context, &progressReaderAt{r: data, update: update}, hashFile, p, root)
 	finish()
