@@ -232,6 +232,27 @@ const (
 	FileTypeSymlink = 7
 )
 
+// FileTypeOf is the directory-entry file type (FileType*) of an i_mode.
+func FileTypeOf(mode uint32) uint8 {
+	switch mode & ModeTypeMask {
+	case ModeRegular:
+		return FileTypeReg
+	case ModeDir:
+		return FileTypeDir
+	case ModeChar:
+		return FileTypeChr
+	case ModeBlock:
+		return FileTypeBlk
+	case ModeFifo:
+		return FileTypeFifo
+	case ModeSocket:
+		return FileTypeSock
+	case ModeSymlink:
+		return FileTypeSymlink
+	}
+	return FileTypeUnknown
+}
+
 // Xattr name indexes (§9).
 const (
 	XattrIndexUser            = 1

@@ -81,27 +81,7 @@ func (e *Entry) FileMode() fs.FileMode {
 }
 
 // FileType is the directory-entry file type (FileType*) matching Mode.
-func (e *Entry) FileType() uint8 { return fileTypeOfMode(e.Mode) }
-
-func fileTypeOfMode(mode uint16) uint8 {
-	switch mode & ModeTypeMask {
-	case ModeRegular:
-		return FileTypeReg
-	case ModeDir:
-		return FileTypeDir
-	case ModeChar:
-		return FileTypeChr
-	case ModeBlock:
-		return FileTypeBlk
-	case ModeFifo:
-		return FileTypeFifo
-	case ModeSocket:
-		return FileTypeSock
-	case ModeSymlink:
-		return FileTypeSymlink
-	}
-	return FileTypeUnknown
-}
+func (e *Entry) FileType() uint8 { return FileTypeOf(uint32(e.Mode)) }
 
 // Inode reads and validates the inode with the given nid: layout, xattrs,
 // chunk indexes (regular files) and target (symlinks). Directory contents

@@ -235,7 +235,7 @@ func buildSynth(t testing.TB, opts synthOpts, nodes []synthNode) (boot, blob []b
 		if dir.node.path != "" {
 			p = dir.node.path + "/" + name
 		}
-		return fileTypeOfMode(byPath[p].node.mode)
+		return FileTypeOf(uint32(byPath[p].node.mode))
 	}
 	for _, in := range order {
 		n := in.node

@@ -316,7 +316,7 @@ func (l *wrLayout) collect(root *Node) error {
 			} else {
 				wi.nlink++
 			}
-			d.dirents = append(d.dirents, wrDirent{name: kid.Name, ino: wi, ftype: wrFileType(target.Mode)})
+			d.dirents = append(d.dirents, wrDirent{name: kid.Name, ino: wi, ftype: FileTypeOf(target.Mode)})
 		}
 		d.nlink = uint32(2 + subdirs)
 		slices.SortFunc(d.dirents, func(a, b wrDirent) int { return strings.Compare(a.name, b.name) })
@@ -743,26 +743,6 @@ func wrCheckName(name string) error {
 		return fmt.Errorf("name contains '/' or NUL")
 	}
 	return nil
-}
-
-func wrFileType(mode uint32) uint8 {
-	switch mode & ModeTypeMask {
-	case ModeRegular:
-		return FileTypeReg
-	case ModeDir:
-		return FileTypeDir
-	case ModeChar:
-		return FileTypeChr
-	case ModeBlock:
-		return FileTypeBlk
-	case ModeFifo:
-		return FileTypeFifo
-	case ModeSocket:
-		return FileTypeSock
-	case ModeSymlink:
-		return FileTypeSymlink
-	}
-	return FileTypeUnknown
 }
 
 func wrJoinPath(dir, name string) string {
