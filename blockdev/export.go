@@ -3,7 +3,6 @@ package blockdev
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -239,7 +238,3 @@ func writeNonZero(out io.WriterAt, p []byte, off int64) error {
 	}
 	return nil
 }
-
-// ErrNotFlattenable is returned for images whose blobs cannot be laid out
-// in one address space.
-var ErrNotFlattenable = errors.New("blockdev: image cannot be flattened into a block device")

@@ -85,6 +85,10 @@ func OpenRafs(ctx context.Context, ri *rafs.Image, blobs BlobOpener) (*Image, er
 // for resources the blobs depend on, such as the cache they came from.
 func (img *Image) AddCloser(c io.Closer) { img.closers = append(img.closers, c) }
 
+// ErrNotFlattenable is returned for images whose blobs cannot be laid out
+// in one address space.
+var ErrNotFlattenable = errors.New("blockdev: image cannot be flattened into a block device")
+
 // sizer is implemented by blob readers that know their size.
 type sizer interface{ Size() int64 }
 
