@@ -53,7 +53,7 @@ func (e *CorruptionError) Error() string {
 // Verify checks data and the tree stored in hash (at p.HashOffset) against
 // root, reading the data once. It returns a *CorruptionError for the first
 // bad block, other errors for I/O problems and bad parameters.
-func Verify(ctx context.Context, data, hash io.ReaderAt, p Params, root []byte) error {
+func Verify(ctx context.Context, data, hash io.ReaderAt, p Params, root []byte, opts ...Option) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}
@@ -64,6 +64,9 @@ func Verify(ctx context.Context, data, hash io.ReaderAt, p Params, root []byte) 
 	b, err := newBuilder(p, cmp)
 	if err != nil {
 		return err
+	}
+	for _, o := range opts {
+		o(b)
 	}
 	tree, err := b.build(ctx, data)
 	if bad := cmp.first(); bad != nil {

@@ -277,3 +277,57 @@ func TestVerifyWrongRoot(t *testing.T) {
 		t.Fatalf("short root accepted")
 	}
 }
+
+// TestBuildReadErrors: Build reads batches on several goroutines at once;
+// the first failure in data order is the one reported, with its offset,
+// and nothing is left running.
+func TestBuildReadErrors(t *testing.T) {
+	p := Params{Algorithm: "sha256", DataBlockSize: 4096, HashBlockSize: 4096, DataBlocks: 9 * batchTarget / 4096}
+	data := randomBytes(5, int(p.DataSize()))
+	cause := errors.New("medium error")
+	failAt := int64(3*batchTarget + 5*4096 + 17)
+	_, err := Build(context.Background(), &failingReaderAt{data: data, from: failAt, err: cause}, p, nil)
+	// Reads are of readPiece bytes, and the one that fails is named.
+	if !errors.Is(err, cause) || !strings.Contains(err.Error(), fmt.Sprintf("at %d:", failAt&^(readPiece-1))) {
+		t.Errorf("read error at %d: %v", failAt, err)
+	}
+
+	// Data that ends inside a later batch.
+	short := data[:5*batchTarget+4096+100]
+	_, err = Build(context.Background(), bytes.NewReader(short), p, nil)
+	if !errors.Is(err, io.ErrUnexpectedEOF) || !strings.Contains(err.Error(), fmt.Sprintf("data ends after %d of %d bytes", len(short), p.DataSize())) {
+		t.Errorf("short data: %v", err)
+	}
+}
+
+// failingReaderAt serves data but fails every read that reaches from.
+type failingReaderAt struct {
+	data []byte
+	from int64
+	err  error
+}
+
+func (r *failingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > r.from {
+		return 0, r.err
+	}
+	return copy(p, r.data[off:]), nil
+}
+
+func TestBuildProgress(t *testing.T) {
+	p := Params{Algorithm: "sha256", DataBlockSize: 512, HashBlockSize: 4096, DataBlocks: 5*batchTarget/512 + 3}
+	var reports []int64
+	_, err := Build(context.Background(), bytes.NewReader(make([]byte, p.DataSize())), p, nil,
+		WithProgress(func(done int64) { reports = append(reports, done) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reports) != 6 || reports[len(reports)-1] != int64(p.DataSize()) {
+		t.Fatalf("progress reports %v, want 6 ending at %d", reports, p.DataSize())
+	}
+	for i := 1; i < len(reports); i++ {
+		if reports[i] <= reports[i-1] {
+			t.Fatalf("progress went back: %v", reports)
+		}
+	}
+}

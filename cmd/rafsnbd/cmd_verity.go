@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"strings"
-	"sync/atomic"
 
 	"github.com/urfave/cli/v2"
 
@@ -185,7 +184,7 @@ func runVerityFormat(c *cli.Context) error {
 		Uint64("hash_offset", p.HashOffset).Uint64("tree_bytes", p.TreeSize()).Msg("building dm-verity tree")
 
 	update, finish := newProgress(int64(p.DataSize()), "hashing")
-	tree, err := verity.Build(c.Context, &progressReaderAt{r: data, update: update}, p, out)
+	tree, err := verity.Build(c.Context, data, p, out, verity.WithProgress(update))
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity format %s: %w", args[0], err)
@@ -258,24 +257,11 @@ func runVerityVerify(c *cli.Context) error {
 	}
 	defer closeFiles()
 	update, finish := newProgress(int64(p.DataSize()), "verifying")
-	err = verity.Verify(c.Context, &progressReaderAt{r: data, update: update}, hashFile, p, root)
+	err = verity.Verify(c.Context, data, hashFile, p, root, verity.WithProgress(update))
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity verify %s: %w", args[0], err)
 	}
 	fmt.Fprintf(c.App.Writer, "Verified %d data blocks and %d hash blocks against root hash %x.\n", p.DataBlocks, p.HashBlocks(), root)
 	return nil
-}
-
-// progressReaderAt reports how far sequential reads have got.
-type progressReaderAt struct {
-	r      io.ReaderAt
-	update func(int64)
-	done   atomic.Int64
-}
-
-func (p *progressReaderAt) ReadAt(b []byte, off int64) (int, error) {
-	n, err := p.r.ReadAt(b, off)
-	p.update(p.done.Add(int64(n)))
-	return n, err
 }
