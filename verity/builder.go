@@ -365,27 +365,39 @@ func (b *Builder) batchBytes() int { return b.batchBlocks * b.p.DataBlockSize }
 func (b *Builder) hashBatch(bt *batch) error {
 	hbs, ds := b.p.HashBlockSize, b.alg.size
 	blocks := bt.n / b.p.DataBlockSize
-	if b.partial {
-		// Read and hash in pieces small enough to stay in cache.
-		step := max(1, readPiece/b.p.DataBlockSize)
-		for first := 0; first < blocks; first += step {
-			last := min(first+step, blocks)
-			if err := b.load(bt, first, last); err != nil {
-				return err
+	// With a source, read a piece at a time and hash it right away, while
+	// its bytes are still in the core's cache.
+	loaded := blocks // data blocks in bt.data
+	if bt.src != nil {
+		loaded = 0
+	}
+	step := max(1, readPiece/b.p.DataBlockSize)
+	hashRun := func(dst []byte, first, last int) error {
+		for f := first; f < last; {
+			if f == loaded {
+				end := min(loaded+step, blocks)
+				if err := b.load(bt, loaded, end); err != nil {
+					return err
+				}
+				loaded = end
 			}
-			b.hashRun(bt, bt.l1[first*b.lay.slot:], first, last)
+			l := min(last, loaded)
+			b.hashRun(bt, dst[(f-first)*b.lay.slot:], f, l)
+			f = l
 		}
 		return nil
+	}
+	if b.partial {
+		return hashRun(bt.l1, 0, blocks)
 	}
 	bt.l1Blocks = (blocks + b.lay.perBlock - 1) / b.lay.perBlock
 	for j := 0; j < bt.l1Blocks; j++ {
 		hb := bt.l1[j*hbs : (j+1)*hbs]
 		first := j * b.lay.perBlock
 		last := min(first+b.lay.perBlock, blocks)
-		if err := b.load(bt, first, last); err != nil {
+		if err := hashRun(hb, first, last); err != nil {
 			return err
 		}
-		b.hashRun(bt, hb, first, last)
 		used := (last - first) * b.lay.slot
 		copy(hb[used:], b.fill[used:])
 		bt.h.sum(bt.up[j*ds:(j+1)*ds], hb)
@@ -393,9 +405,7 @@ func (b *Builder) hashBatch(bt *batch) error {
 	return nil
 }
 
-// readPiece is how much of a batch hashBatch reads before hashing it when
-// one level-1 block covers more than a batch (large data blocks); otherwise
-// it reads one level-1 block's data at a time, at most a batch.
+// readPiece is how much of a batch hashBatch reads at a time from a source.
 const readPiece = 512 << 10
 
 // load reads the batch's data blocks [first, last) from its source, if it
