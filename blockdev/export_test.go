@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -44,33 +45,37 @@ func randomDevice(t *testing.T, seed uint64, blockSize int64) (*Composed, []byte
 }
 
 func TestExportIsSparseAndExact(t *testing.T) {
-	dev, flat := randomDevice(t, 1, 4096)
-	path := filepath.Join(t.TempDir(), "disk.img")
-	var progress []int64
-	res, err := Export(context.Background(), dev, path, ExportOptions{Progress: func(n int64) { progress = append(progress, n) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.Size != int64(len(flat)) || !bytes.Equal(got, flat) {
-		t.Fatalf("exported %d bytes (result says %d), want the %d flat bytes", len(got), res.Size, len(flat))
-	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		t.Fatal(err)
-	}
-	// Data is 20 KiB + ~5 MiB + 8 MiB, less 2 MiB of zeros; the file is 24 MiB.
-	if allocated := st.Blocks * 512; allocated > 13<<20 {
-		t.Errorf("export allocates %d bytes; holes were written out", allocated)
-	}
-	if len(progress) == 0 || progress[len(progress)-1] != int64(len(flat)) {
-		t.Errorf("progress ended at %v, want %d", progress, len(flat))
-	}
-	if leftovers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".disk.img.tmp-*")); len(leftovers) != 0 {
-		t.Errorf("temp files left behind: %v", leftovers)
+	for _, noSync := range []bool{false, true} {
+		t.Run(fmt.Sprintf("NoSync=%v", noSync), func(t *testing.T) {
+			dev, flat := randomDevice(t, 1, 4096)
+			path := filepath.Join(t.TempDir(), "disk.img")
+			var progress []int64
+			res, err := Export(context.Background(), dev, path, ExportOptions{NoSync: noSync, Progress: func(n int64) { progress = append(progress, n) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Size != int64(len(flat)) || !bytes.Equal(got, flat) {
+				t.Fatalf("exported %d bytes (result says %d), want the %d flat bytes", len(got), res.Size, len(flat))
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(path, &st); err != nil {
+				t.Fatal(err)
+			}
+			// Data is 20 KiB + ~5 MiB + 8 MiB, less 2 MiB of zeros; the file is 24 MiB.
+			if allocated := st.Blocks * 512; allocated > 13<<20 {
+				t.Errorf("export allocates %d bytes; holes were written out", allocated)
+			}
+			if len(progress) == 0 || progress[len(progress)-1] != int64(len(flat)) {
+				t.Errorf("progress ended at %v, want %d", progress, len(flat))
+			}
+			if leftovers, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".disk.img.tmp-*")); len(leftovers) != 0 {
+				t.Errorf("temp files left behind: %v", leftovers)
+			}
+		})
 	}
 }
 

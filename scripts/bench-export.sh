@@ -6,7 +6,9 @@
 #   cp --sparse=always  of the exported disk (the floor: a plain sparse copy)
 #   cp, then sync       the same durability as our export, which fsyncs
 #                       before it renames the file into place
-#   rafsnbd export      (compose bootstrap + tar, write sparse)
+#   rafsnbd export --no-fsync  (compose bootstrap + tar, write sparse; the
+#                       same durability as cp)
+#   rafsnbd export      (the same, then fsync, as cp + sync)
 #   rafsnbd export --verity (the same, hashing the dm-verity tree on the way)
 # and prints the ratios. Set SIZE_MB to change the data size.
 set -euo pipefail
@@ -39,6 +41,8 @@ timeit() { # timeit CMD...: median wall seconds of $RUNS runs
 }
 cp_s=$(timeit cp --sparse=always "$W/ref.disk" "$W/out.disk")
 cps_s=$(timeit sh -c "cp --sparse=always '$W/ref.disk' '$W/out.disk' && sync -d '$W/out.disk'")
+exn_s=$(timeit "$RAFSNBD" --log-level warn export --no-fsync -B "$W/layer.boot" -D "$W/blobs" -o "$W/out.disk")
+cmp "$W/out.disk" "$W/ref.disk"
 ex_s=$(timeit "$RAFSNBD" --log-level warn export -B "$W/layer.boot" -D "$W/blobs" -o "$W/out.disk")
 cmp "$W/out.disk" "$W/ref.disk"
 ev_s=$(timeit "$RAFSNBD" --log-level warn export -B "$W/layer.boot" -D "$W/blobs" -o "$W/out.disk" --verity)
@@ -46,5 +50,6 @@ bytes=$(stat -c %s "$W/ref.disk")
 printf 'export of a %d MiB tarfs image (median of %d; load %s)\n' $((bytes >> 20)) "$RUNS" "$(cut -d' ' -f1 /proc/loadavg)"
 printf '  cp --sparse=always        %6.3f s\n' "$cp_s"
 printf '  cp --sparse=always + sync %6.3f s\n' "$cps_s"
+printf '  rafsnbd export --no-fsync %6.3f s  (%.2f x cp)\n' "$exn_s" "$(echo "$exn_s / $cp_s" | bc -l)"
 printf '  rafsnbd export            %6.3f s  (%.2f x cp, %.2f x cp + sync)\n' "$ex_s" "$(echo "$ex_s / $cp_s" | bc -l)" "$(echo "$ex_s / $cps_s" | bc -l)"
 printf '  rafsnbd export --verity   %6.3f s  (%.2f x cp, %.2f x cp + sync)\n' "$ev_s" "$(echo "$ev_s / $cp_s" | bc -l)" "$(echo "$ev_s / $cps_s" | bc -l)"
