@@ -60,6 +60,7 @@ Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
 			&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
 			&cli.IntFlag{Name: "concurrency", Value: oci.DefaultConcurrency, Usage: "layers pulled at once"},
 			&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+			&cli.DurationFlag{Name: "stall-timeout", Value: oci.DefaultStallTimeout, Usage: "fail a download that waits this `LONG` for the registry's next bytes (0: wait for ever)"},
 			&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
 		},
@@ -92,6 +93,10 @@ func runConvert(c *cli.Context) error {
 
 	bars := &convertProgress{}
 	defer bars.finish()
+	stallTimeout := c.Duration("stall-timeout")
+	if stallTimeout == 0 {
+		stallTimeout = -1 // the flag's 0 means no limit; Options' means the default
+	}
 	res, err := oci.Convert(c.Context, c.Args().First(), oci.Options{
 		CacheDir:     c.String("cache-dir"),
 		Export:       mode,
@@ -99,6 +104,7 @@ func runConvert(c *cli.Context) error {
 		VerityCompat: compat,
 		Concurrency:  c.Int("concurrency"),
 		Insecure:     c.Bool("insecure"),
+		StallTimeout: stallTimeout,
 		Platform:     c.String("platform"),
 		Progress:     bars.update,
 	})

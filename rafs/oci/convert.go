@@ -71,6 +71,9 @@ const (
 	// DefaultReserveBytes is the free space conversion leaves on the
 	// cache's filesystem.
 	DefaultReserveBytes = 256 << 20
+	// DefaultStallTimeout is how long a download may wait for its next
+	// byte.
+	DefaultStallTimeout = time.Minute
 )
 
 // Options control Convert. Only CacheDir is required.
@@ -99,6 +102,11 @@ type Options struct {
 	// ReserveBytes is the free space to leave on the cache's filesystem
 	// (0: DefaultReserveBytes; negative: none).
 	ReserveBytes int64
+	// StallTimeout fails a layer or config download that waits this long
+	// for its response or its next bytes (0: DefaultStallTimeout; negative:
+	// wait for ever). Only time spent waiting on the source counts, not
+	// time spent writing what arrived.
+	StallTimeout time.Duration
 	// Progress, when set, receives events from the converting goroutines,
 	// possibly at the same time: it must be safe for concurrent use.
 	Progress func(Progress)
@@ -221,6 +229,9 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 	} else if opts.ReserveBytes < 0 {
 		opts.ReserveBytes = 0
 	}
+	if opts.StallTimeout == 0 {
+		opts.StallTimeout = DefaultStallTimeout
+	}
 	if opts.Platform == "" {
 		opts.Platform = DefaultPlatform()
 	}
@@ -233,7 +244,7 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 		return nil, err
 	}
 	start := time.Now()
-	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, transport: opts.Transport})
+	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, transport: opts.Transport, stall: opts.StallTimeout})
 	if err != nil {
 		return nil, err
 	}

@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -47,6 +49,7 @@ type sourceOptions struct {
 	insecure  bool
 	keychain  authn.Keychain
 	transport http.RoundTripper
+	stall     time.Duration // see Options.StallTimeout; <= 0: none
 }
 
 func openSource(ctx context.Context, ref string, o sourceOptions) (source, error) {
@@ -85,6 +88,7 @@ func CanonicalRef(ref string, insecure bool) (string, error) {
 type registrySource struct {
 	ref    name.Reference
 	client *http.Client
+	stall  time.Duration // <= 0: wait for ever
 }
 
 func openRegistry(ctx context.Context, ref string, o sourceOptions) (*registrySource, error) {
@@ -105,6 +109,12 @@ func openRegistry(ctx context.Context, ref string, o sourceOptions) (*registrySo
 		base = remote.DefaultTransport
 	}
 	reg := r.Context().Registry
+	if o.stall > 0 {
+		// The ping and token exchange below are a few small requests.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, o.stall, fmt.Errorf("no answer from %s within %s", reg, o.stall))
+		defer cancel()
+	}
 	auth, err := authn.Resolve(ctx, kc, reg)
 	if err != nil {
 		return nil, fmt.Errorf("oci: credentials for %s: %w", reg, err)
@@ -112,9 +122,12 @@ func openRegistry(ctx context.Context, ref string, o sourceOptions) (*registrySo
 	// The transport pings the registry and runs the token exchange.
 	rt, err := transport.NewWithContext(ctx, reg, auth, base, []string{r.Context().Scope(transport.PullScope)})
 	if err != nil {
+		if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.DeadlineExceeded) {
+			err = cause
+		}
 		return nil, fmt.Errorf("oci: %s: %w", reg, err)
 	}
-	return &registrySource{ref: r, client: &http.Client{Transport: rt}}, nil
+	return &registrySource{ref: r, client: &http.Client{Transport: rt}, stall: o.stall}, nil
 }
 
 func (s *registrySource) canonical() string { return s.ref.Name() }
@@ -130,23 +143,103 @@ var manifestAccept = strings.Join([]string{
 	string(types.DockerManifestSchema2), string(types.DockerManifestList),
 }, ", ")
 
+// get sends a GET. The request, and every read of the body, fails once it
+// has waited s.stall for the registry (see stallWatch).
 func (s *registrySource) get(ctx context.Context, url, accept string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	w := newStallWatch(ctx, s.stall)
+	req, err := http.NewRequestWithContext(w.ctx, http.MethodGet, url, nil)
 	if err != nil {
+		w.close()
 		return nil, err
 	}
 	if accept != "" {
 		req.Header.Set("Accept", accept)
 	}
+	w.arm()
 	resp, err := s.client.Do(req)
+	w.disarm()
 	if err != nil {
-		return nil, err
+		w.close()
+		return nil, w.explain(err)
 	}
 	if err := transport.CheckError(resp, http.StatusOK); err != nil {
 		resp.Body.Close()
+		w.close()
 		return nil, err
 	}
+	resp.Body = &stallBody{rc: resp.Body, w: w}
 	return resp, nil
+}
+
+// stallWatch cancels a request's context when the request has waited too
+// long for the other side: armed while waiting for the response or for
+// body bytes, disarmed while the caller works on what arrived. A registry
+// that stops sending in the middle of a layer would otherwise hold a
+// conversion for ever (TCP keeps a silent connection open).
+type stallWatch struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	timer  *time.Timer // nil: no limit
+	limit  time.Duration
+	fired  atomic.Bool
+}
+
+func newStallWatch(parent context.Context, limit time.Duration) *stallWatch {
+	ctx, cancel := context.WithCancelCause(parent)
+	w := &stallWatch{ctx: ctx, cancel: cancel}
+	if limit > 0 {
+		w.timer = time.AfterFunc(limit, func() {
+			w.fired.Store(true)
+			cancel(fmt.Errorf("the registry sent nothing for %s", limit))
+		})
+		w.timer.Stop()
+		w.limit = limit
+	}
+	return w
+}
+
+func (w *stallWatch) arm() {
+	if w.timer != nil {
+		w.timer.Reset(w.limit)
+	}
+}
+
+func (w *stallWatch) disarm() {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// explain replaces the context error a stall caused with what happened.
+func (w *stallWatch) explain(err error) error {
+	if err != nil && w.fired.Load() {
+		return context.Cause(w.ctx)
+	}
+	return err
+}
+
+func (w *stallWatch) close() {
+	w.disarm()
+	w.cancel(nil)
+}
+
+// stallBody is a response body under a stallWatch.
+type stallBody struct {
+	rc io.ReadCloser
+	w  *stallWatch
+}
+
+func (b *stallBody) Read(p []byte) (int, error) {
+	b.w.arm()
+	n, err := b.rc.Read(p)
+	b.w.disarm()
+	return n, b.w.explain(err)
+}
+
+func (b *stallBody) Close() error {
+	err := b.rc.Close()
+	b.w.close()
+	return err
 }
 
 func (s *registrySource) fetchManifest(ctx context.Context, id string, limit int64) ([]byte, types.MediaType, error) {
