@@ -428,20 +428,32 @@ func (b *Builder) load(bt *batch, first, last int) error {
 }
 
 // hashRun writes the digests of the batch's data blocks [first, last) into
-// consecutive digest slots of dst.
+// consecutive digest slots of dst. Plain sha256 hashes the blocks two at a
+// time (sum256x2), which nearly doubles what one core does.
 func (b *Builder) hashRun(bt *batch, dst []byte, first, last int) {
 	dbs, slot, ds := b.p.DataBlockSize, b.lay.slot, b.alg.size
+	digest := func(i int) []byte { return dst[(i-first)*slot : (i-first)*slot+ds] }
+	block := func(i int) []byte { return bt.data[i*dbs : (i+1)*dbs] }
+	waiting := -1 // a block kept back to be hashed with the next one
 	for i := first; i < last; i++ {
-		s := dst[(i-first)*slot : (i-first+1)*slot]
-		block := bt.data[i*dbs : (i+1)*dbs]
+		clear(dst[(i-first)*slot+ds : (i-first+1)*slot])
+		data := block(i)
 		// Most blocks fail the first test, so the check costs nothing on
 		// real data and saves hashing the holes of a disk image.
-		if block[0] == 0 && bytes.Equal(block, b.zeroBlock) {
-			copy(s, b.zeroDigest)
-		} else {
-			bt.h.sum(s[:ds], block)
+		switch {
+		case data[0] == 0 && bytes.Equal(data, b.zeroBlock):
+			copy(digest(i), b.zeroDigest)
+		case !bt.h.sha:
+			bt.h.sum(digest(i), data)
+		case waiting < 0:
+			waiting = i
+		default:
+			sum256x2(digest(waiting), digest(i), block(waiting), data)
+			waiting = -1
 		}
-		clear(s[ds:])
+	}
+	if waiting >= 0 {
+		bt.h.sum(digest(waiting), block(waiting))
 	}
 }
 
