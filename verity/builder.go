@@ -626,9 +626,9 @@ func WithProgress(report func(done int64)) Option {
 // each byte once. out is as for NewBuilder.
 //
 // Each hashing goroutine reads its own batch with ReadAt (which io.ReaderAt
-// allows in parallel), in pieces of at most what one level-1 block covers
-// (512 KiB for 4 KiB data blocks), so that the copying is spread over the
-// cores and the bytes are still in cache when they are hashed. Against one
+// allows in parallel), readPiece bytes at a time, so that the copying is
+// spread over the cores and the bytes are still in cache when they are
+// hashed. Against one
 // goroutine reading ahead into the batches, that took the 1 GiB benchmark
 // (scripts/bench-verity.sh) from 0.51 to 0.45 s.
 func Build(ctx context.Context, data io.ReaderAt, p Params, out io.WriterAt, opts ...Option) (*Tree, error) {
