@@ -104,6 +104,8 @@ type blockHasher struct {
 	h    hash.Hash
 	salt []byte
 	sha  bool // plain sha256 without salt: use the allocation-free function
+	// pairs: sha256 data blocks that sum256x2 hashes two at a time.
+	pairs bool
 }
 
 func (bh *blockHasher) sum(dst, block []byte) {
@@ -182,7 +184,9 @@ func newBuilder(p Params, out sink) (*Builder, error) {
 }
 
 func (b *Builder) newHasher() blockHasher {
-	return blockHasher{h: b.alg.newHash(), salt: b.p.Salt, sha: b.p.Algorithm == "sha256" && len(b.p.Salt) == 0}
+	sha256 := b.p.Algorithm == "sha256"
+	return blockHasher{h: b.alg.newHash(), salt: b.p.Salt, sha: sha256 && len(b.p.Salt) == 0,
+		pairs: sha256 && pairable(b.p.Salt, b.p.DataBlockSize)}
 }
 
 const maxInt = int(^uint(0) >> 1)
@@ -428,8 +432,8 @@ func (b *Builder) load(bt *batch, first, last int) error {
 }
 
 // hashRun writes the digests of the batch's data blocks [first, last) into
-// consecutive digest slots of dst. Plain sha256 hashes the blocks two at a
-// time (sum256x2), which nearly doubles what one core does.
+// consecutive digest slots of dst. sha256 hashes the blocks two at a time
+// (sum256x2) where it can, which nearly doubles what one core does.
 func (b *Builder) hashRun(bt *batch, dst []byte, first, last int) {
 	dbs, slot, ds := b.p.DataBlockSize, b.lay.slot, b.alg.size
 	digest := func(i int) []byte { return dst[(i-first)*slot : (i-first)*slot+ds] }
@@ -443,12 +447,12 @@ func (b *Builder) hashRun(bt *batch, dst []byte, first, last int) {
 		switch {
 		case data[0] == 0 && bytes.Equal(data, b.zeroBlock):
 			copy(digest(i), b.zeroDigest)
-		case !bt.h.sha:
+		case !bt.h.pairs:
 			bt.h.sum(digest(i), data)
 		case waiting < 0:
 			waiting = i
 		default:
-			sum256x2(digest(waiting), digest(i), block(waiting), data)
+			sum256x2(digest(waiting), digest(i), bt.h.salt, block(waiting), data)
 			waiting = -1
 		}
 	}

@@ -12,24 +12,53 @@ var sha256Init = [16]uint32{
 	0x9b05688c, 0x510e527f, 0xbb67ae85, 0x6a09e667, 0x5be0cd19, 0x1f83d9ab, 0xa54ff53a, 0x3c6ef372,
 }
 
-// sum256x2 sets d1 to sha256(b1) and d2 to sha256(b2). The two must have
-// one length, a multiple of 64 bytes (data blocks always are).
-func sum256x2(d1, d2 []byte, b1, b2 []byte) {
-	if !haveSum256x2 || len(b1) != len(b2) || len(b1)%64 != 0 {
-		s1, s2 := sha256.Sum256(b1), sha256.Sum256(b2)
-		copy(d1, s1[:])
-		copy(d2, s2[:])
+// pairable says whether sum256x2 hashes blocks of blockSize bytes with
+// this salt on the fast path.
+func pairable(salt []byte, blockSize int) bool {
+	return haveSum256x2 && len(salt) < 64 && blockSize >= 64
+}
+
+// sum256x2 sets d1 to sha256(salt ‖ b1) and d2 to sha256(salt ‖ b2), for
+// b1 and b2 of one length. With the SHA extensions, a salt under 64 bytes
+// and at least 64 bytes of data, it hashes both at once (blocks2);
+// otherwise one after the other with crypto/sha256.
+func sum256x2(d1, d2 []byte, salt, b1, b2 []byte) {
+	if !pairable(salt, len(b1)) || len(b1) != len(b2) {
+		for _, m := range [2]struct{ d, b []byte }{{d1, b1}, {d2, b2}} {
+			h := sha256.New()
+			h.Write(salt)
+			h.Write(m.b)
+			h.Sum(m.d[:0])
+		}
 		return
 	}
 	st := sha256Init
-	if len(b1) > 0 {
-		blocks2(&st, &b1[0], &b2[0], len(b1)/64)
+	var t1, t2 [128]byte // blocks that mix salt, data and padding
+	off := 0             // data bytes hashed
+	if len(salt) > 0 {
+		// The first block: the salt, then the start of the data.
+		off = copy(t1[copy(t1[:], salt):64], b1)
+		copy(t2[copy(t2[:], salt):64], b2)
+		blocks2(&st, &t1[0], &t2[0], 1)
 	}
-	// Both messages end with the same padding block: they have one length.
-	var pad [64]byte
-	pad[0] = 0x80
-	binary.BigEndian.PutUint64(pad[56:], uint64(len(b1))*8)
-	blocks2(&st, &pad[0], &pad[0], 1)
+	if full := (len(b1) - off) / 64; full > 0 {
+		blocks2(&st, &b1[off], &b2[off], full)
+		off += 64 * full
+	}
+	// The rest of the data, 0x80, zeros and the length in bits: one block,
+	// or two when fewer than 9 bytes are free after the data.
+	tail := copy(t1[:], b1[off:])
+	copy(t2[:], b2[off:])
+	n := 64
+	if tail+9 > 64 {
+		n = 128
+	}
+	for _, t := range []*[128]byte{&t1, &t2} {
+		t[tail] = 0x80
+		clear(t[tail+1 : n-8])
+		binary.BigEndian.PutUint64(t[n-8:n], uint64(len(salt)+len(b1))*8)
+	}
+	blocks2(&st, &t1[0], &t2[0], n/64)
 	putDigest(d1, st[0:8])
 	putDigest(d2, st[8:16])
 }
