@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -121,7 +122,7 @@ func (c *Cache) openBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chu
 		return nil, err
 	}
 	if mr.fetched > 0 {
-		if err := writeFileAtomic(metaPath, mr.encode(entryFP)); err != nil {
+		if err := atomicfile.WriteFile(metaPath, mr.encode(entryFP), 0o640); err != nil {
 			return nil, fmt.Errorf("saving the blob layout: %w", err)
 		}
 	}
@@ -187,7 +188,7 @@ func (c *Cache) openFiles(id string, hdr mapHeader, log zerolog.Logger) (*os.Fil
 		data.Close()
 		return nil, nil, err
 	}
-	if err := syncDir(c.dir); err != nil {
+	if err := atomicfile.SyncDir(c.dir); err != nil {
 		return fail(err)
 	}
 	if err := data.Truncate(0); err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -95,7 +96,7 @@ const (
 	mapSuffix  = ".map"
 	metaSuffix = ".meta"
 	lockName   = ".lock"
-	tmpMarker  = ".tmp-"
+	tmpMarker  = atomicfile.TempMarker
 )
 
 // ErrLocked is returned by Open when another process holds the cache.
@@ -324,49 +325,4 @@ func (c *Cache) GC(opts GCOptions) ([]Entry, error) {
 		removed = append(removed, e)
 	}
 	return removed, errors.Join(errs...)
-}
-
-// syncDir makes a rename or removal in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// writeFileAtomic writes data to path through a synced temporary file and
-// a rename, then syncs the directory: path holds either the old or the new
-// content, whole, whatever happens.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+tmpMarker+"*")
-	if err != nil {
-		return err
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if err := tmp.Chmod(0o640); err != nil {
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	ok = true
-	return syncDir(dir)
 }

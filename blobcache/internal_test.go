@@ -3,6 +3,8 @@ package blobcache
 import (
 	"fmt"
 	"testing"
+
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 )
 
 func TestMetaExtentsMerge(t *testing.T) {
@@ -25,7 +27,7 @@ func TestMetaExtentsMerge(t *testing.T) {
 	}
 	enc := m.encode([32]byte{1})
 	path := t.TempDir() + "/m"
-	if err := writeFileAtomic(path, enc); err != nil {
+	if err := atomicfile.WriteFile(path, enc, 0o640); err != nil {
 		t.Fatal(err)
 	}
 	exts, err := loadMeta(path, [32]byte{1})

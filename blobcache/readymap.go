@@ -7,6 +7,8 @@ import (
 	"math/bits"
 	"os"
 	"sync"
+
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 )
 
 // The ready map file: a 4 KiB header, then one bit per unit (bit for unit
@@ -107,7 +109,7 @@ type readyMap struct {
 // createMap writes a fresh, all-clear map atomically and opens it.
 func createMap(path string, h mapHeader) (*readyMap, error) {
 	bm := make([]byte, bitmapLen(int(h.units)))
-	if err := writeFileAtomic(path, append(h.encode(), bm...)); err != nil {
+	if err := atomicfile.WriteFile(path, append(h.encode(), bm...), 0o640); err != nil {
 		return nil, err
 	}
 	f, err := os.OpenFile(path, os.O_RDWR, 0)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
@@ -51,7 +52,7 @@ func Export(ctx context.Context, dev Device, path string, opts ExportOptions) (*
 	var builder *verity.Builder
 	end := size
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	tmp, err := atomicfile.CreateTemp(path)
 	if err != nil {
 		return nil, fmt.Errorf("blockdev: export: %w", err)
 	}
@@ -114,10 +115,7 @@ func Export(ctx context.Context, dev Device, path string, opts ExportOptions) (*
 	}
 	ok = true
 	if !opts.NoSync {
-		if d, err := os.Open(dir); err == nil { // make the rename durable
-			d.Sync()
-			d.Close()
-		}
+		_ = atomicfile.SyncDir(dir) // the file is complete; this only makes the rename durable
 	}
 	res.Size = end
 	return res, nil

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 )
 
 // Directory and file modes of the cache: the cache holds other people's
@@ -144,47 +146,8 @@ func (w *spaceWatcher) Write(p []byte) (int, error) {
 	return w.f.Write(p)
 }
 
-// writeFileAtomic writes data to path through a synced temporary file in
-// the same directory and a rename.
-func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(cacheFileMode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-// syncDir makes renames in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // removeTemps deletes leftovers of interrupted writes: names in dir that
-// start with prefix and hold ".tmp-". Only call it under the lock of the
+// start with prefix and hold atomicfile.TempMarker. Only call it under the lock of the
 // object the temporaries belong to.
 func removeTemps(dir, prefix string) {
 	ents, err := os.ReadDir(dir)
@@ -192,7 +155,7 @@ func removeTemps(dir, prefix string) {
 		return
 	}
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), prefix) && strings.Contains(e.Name(), ".tmp-") {
+		if strings.HasPrefix(e.Name(), prefix) && strings.Contains(e.Name(), atomicfile.TempMarker) {
 			os.Remove(filepath.Join(dir, e.Name()))
 		}
 	}

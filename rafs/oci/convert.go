@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 	"github.com/rafsnbd/rafsnbd/verity"
@@ -336,7 +337,7 @@ func (cv *converter) convertImage(ctx context.Context, img *image, res *Result) 
 	if err := needSpace(dir, int64(merged.Len()), cv.opts.ReserveBytes, "the image bootstrap"); err != nil {
 		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
 	}
-	if err := writeFileAtomic(res.Bootstrap, merged.Bytes()); err != nil {
+	if err := atomicfile.WriteFile(res.Bootstrap, merged.Bytes(), cacheFileMode); err != nil {
 		return nil, fmt.Errorf("oci: writing %s: %w", res.Bootstrap, err)
 	}
 	res.Merge = time.Since(start)
@@ -412,7 +413,7 @@ func (cv *converter) exportDisk(ctx context.Context, kind, boot, diffID, path, m
 		return nil, err
 	}
 	defer unlock()
-	removeTemps(filepath.Dir(path), "."+base+".tmp-")
+	removeTemps(filepath.Dir(path), "."+base+atomicfile.TempMarker)
 
 	dev, err := blockdev.Open(ctx, boot, blockdev.LocalBlobs{Dir: cv.cache.blobDir()})
 	if err != nil {
@@ -485,7 +486,7 @@ func (cv *converter) writeRecord(rec *ImageInfo) error {
 		return err
 	}
 	p := filepath.Join(cv.cache.imageDir(hexOf(rec.ManifestDigest)), "image.json")
-	if err := writeFileAtomic(p, append(b, '\n')); err != nil {
+	if err := atomicfile.WriteFile(p, append(b, '\n'), cacheFileMode); err != nil {
 		return fmt.Errorf("oci: writing %s: %w", p, err)
 	}
 	return nil

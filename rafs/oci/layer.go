@@ -17,6 +17,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/rs/zerolog"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
@@ -173,13 +174,13 @@ func (cv *converter) convertLayer(ctx context.Context, l layerDesc) (*LayerResul
 	if err := os.Rename(filepath.Join(staging, id), res.Blob); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	if err := syncDir(cv.cache.blobDir()); err != nil {
+	if err := atomicfile.SyncDir(cv.cache.blobDir()); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := os.Rename(bootTmp, res.Bootstrap); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	if err := syncDir(filepath.Dir(res.Bootstrap)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(res.Bootstrap)); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	cv.report(Progress{Layer: l.index, Digest: res.Digest, Phase: PhaseLayerDone, Done: res.TarSize, Total: res.TarSize})
