@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -150,13 +149,7 @@ func TestExportFixtureMounts(t *testing.T) {
 	if _, err := Export(context.Background(), img, disk, ExportOptions{Verity: &p}); err != nil {
 		t.Fatal(err)
 	}
-	mnt := filepath.Join(dir, "mnt")
-	os.Mkdir(mnt, 0o755)
-	opts := "loop,ro,sizelimit=" + strconv.FormatInt(img.Size(), 10)
-	if out, err := exec.Command("mount", "-t", "erofs", "-o", opts, disk, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+	mnt := testutil.MountErofs(t, disk, "loop", "sizelimit="+strconv.FormatInt(img.Size(), 10))
 	for _, f := range []struct {
 		name   string
 		size   int64

@@ -47,17 +47,7 @@ func mountWithDevices(t *testing.T, boot string, blobs []string) string {
 	for _, b := range blobs {
 		opts = append(opts, "device="+losetup(t, b))
 	}
-	mnt := t.TempDir()
-	args := []string{"-t", "erofs", "-o", strings.Join(append([]string{"ro"}, opts...), ","), meta, mnt}
-	if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
-		t.Fatalf("mount %v: %v: %s", args, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	return mnt
+	return testutil.MountErofs(t, meta, opts...)
 }
 
 // kernelCompare checks every walked path against the mounted tree.

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"math/bits"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -323,14 +322,7 @@ func TestWriteBootstrapKernel(t *testing.T) {
 			if err := os.WriteFile(img, flat, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			mnt := filepath.Join(dir, "mnt")
-			if err := os.Mkdir(mnt, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if out, err := exec.Command("mount", "-t", "erofs", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
-				t.Fatalf("mount: %v: %s", err, out)
-			}
-			t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+			mnt := testutil.MountErofs(t, img, "loop")
 			for name, want := range fx.files {
 				got, err := os.ReadFile(filepath.Join(mnt, name))
 				if err != nil || !bytes.Equal(got, want) {
@@ -503,14 +495,7 @@ func TestWriteBootstrapKernelTwoBlobs(t *testing.T) {
 			if err := os.WriteFile(img, flat, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			mnt := filepath.Join(dir, "mnt")
-			if err := os.Mkdir(mnt, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if out, err := exec.Command("mount", "-t", "erofs", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
-				t.Fatalf("mount: %v: %s", err, out)
-			}
-			t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+			mnt := testutil.MountErofs(t, img, "loop")
 			for bi := range 2 {
 				got, err := os.ReadFile(filepath.Join(mnt, fmt.Sprintf("file%d", bi)))
 				want := spaces[bi][:root.Children[bi].Size]

@@ -114,10 +114,7 @@ func mountLoop(t *testing.T, file string, size int64) string {
 	t.Helper()
 	loop := strings.TrimSpace(run(t, "losetup", "-f", "--show", "-r", "--sizelimit", strconv.FormatInt(size, 10), file))
 	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
-	mnt := t.TempDir()
-	run(t, "mount", "-t", "erofs", "-o", "ro", loop, mnt)
-	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-	return mnt
+	return testutil.MountErofs(t, loop)
 }
 
 // startServe runs `rafsnbd serve` on a unix socket until the test ends and

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 )
 
@@ -97,4 +98,26 @@ func RepoRoot(t testing.TB) string {
 		t.Fatal("testutil: cannot locate source file")
 	}
 	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// MountErofs mounts an EROFS image (a file with "loop" among opts, or a
+// block device) read-only on a new temporary directory, adding opts to
+// "ro", and unmounts it when the test ends. A failed mount fails the test
+// with the kernel's last messages.
+func MountErofs(t testing.TB, source string, opts ...string) string {
+	t.Helper()
+	RequireRoot(t)
+	RequireTool(t, "mount", "umount")
+	mnt := t.TempDir()
+	args := []string{"-t", "erofs", "-o", strings.Join(append([]string{"ro"}, opts...), ","), source, mnt}
+	if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
+		dmesg, _ := exec.Command("sh", "-c", "dmesg | tail -5").Output()
+		t.Fatalf("mount %v: %v\n%s\ndmesg:\n%s", args, err, out, dmesg)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", mnt, err, out)
+		}
+	})
+	return mnt
 }

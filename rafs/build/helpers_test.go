@@ -16,7 +16,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -144,28 +143,6 @@ func uncompressedBlob(t *testing.T, path string, e rafs.BlobEntry) string {
 		t.Fatal(err)
 	}
 	return out
-}
-
-// mountErofs mounts an image read-only and unmounts it when the test ends.
-func mountErofs(t *testing.T, image string, options string) string {
-	t.Helper()
-	testutil.RequireRoot(t)
-	mnt := t.TempDir()
-	o := "ro"
-	if options != "" {
-		o += "," + options
-	}
-	args := []string{"-t", "erofs", "-o", o, image, mnt}
-	if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
-		dmesg, _ := exec.Command("sh", "-c", "dmesg | tail -5").Output()
-		t.Fatalf("mount %v: %v\n%s\ndmesg:\n%s", args, err, out, dmesg)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	return mnt
 }
 
 // losetup attaches a read-only loop device and detaches it when the test

@@ -126,7 +126,7 @@ func TestKernelDirBuild(t *testing.T) {
 				res.Bootstrap.Size, res.Bootstrap.Inodes, res.Blobs[0].ID, res.Blobs[0].Size,
 				res.Blobs[0].Chunks, res.Blobs[0].UncompressedSize)
 			checkBlobNamedBySHA256(t, res.Blobs[0].Path)
-			mnt := mountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
+			mnt := testutil.MountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
 			compareTrees(t, want, snapshot(t, mnt, nil))
 		})
 	}
@@ -159,14 +159,14 @@ func TestKernelTarfs(t *testing.T) {
 	}
 
 	t.Run("flat", func(t *testing.T) {
-		mnt := mountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
+		mnt := testutil.MountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
 		compareTrees(t, want, snapshot(t, mnt, nil))
 	})
 	t.Run("device-option", func(t *testing.T) {
 		// How nydus-snapshotter mounts tarfs on a host: the bootstrap
 		// with the layer tar as an extra device.
 		dev := losetup(t, blob.Path)
-		mnt := mountErofs(t, boot, "loop,device="+dev)
+		mnt := testutil.MountErofs(t, boot, "loop", "device="+dev)
 		compareTrees(t, want, snapshot(t, mnt, nil))
 	})
 }

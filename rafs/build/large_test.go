@@ -44,7 +44,7 @@ func TestKernelLargeFileDir(t *testing.T) {
 	opts := DefaultOptions(t.TempDir())
 	boot, res := buildDir(t, src, opts)
 	t.Logf("blob: %d bytes, %d distinct chunks", res.Blobs[0].Size, res.Blobs[0].Chunks)
-	mnt := mountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
+	mnt := testutil.MountErofs(t, flatImage(t, boot, opts.BlobDir), "loop")
 	checkLarge(t, filepath.Join(mnt, "large"))
 }
 
@@ -85,7 +85,7 @@ func TestKernelLargeFileTarfs(t *testing.T) {
 		t.Fatalf("blob id %s", res.Blobs[0].ID)
 	}
 	dev := losetup(t, res.Blobs[0].Path)
-	mnt := mountErofs(t, boot, "loop,device="+dev)
+	mnt := testutil.MountErofs(t, boot, "loop", "device="+dev)
 	checkLarge(t, filepath.Join(mnt, "large"))
 }
 

@@ -10,7 +10,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -385,18 +384,7 @@ func TestMergeKernel(t *testing.T) {
 	if _, err := blockdev.Export(context.Background(), dev, disk, blockdev.ExportOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mount", "-t", "erofs", "-o", "loop,ro", disk, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount: %v: %s", err, out)
-		}
-	})
+	mnt := testutil.MountErofs(t, disk, "loop")
 	opts := treecmp.Options{XattrPrefixes: []string{"user.", "trusted."}}
 	got, err := treecmp.Scan(mnt, opts)
 	if err != nil {

@@ -235,25 +235,11 @@ func umociUnpack(t testing.TB, layoutDir, tag string) string {
 // a verity tree appended, sizelimit keeps it out of the filesystem's view.
 func mountDisk(t testing.TB, disk string, sizeLimit int64) string {
 	t.Helper()
-	testutil.RequireRoot(t)
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	opts := "loop,ro"
+	opts := []string{"loop"}
 	if sizeLimit > 0 {
-		opts += fmt.Sprintf(",sizelimit=%d", sizeLimit)
+		opts = append(opts, fmt.Sprintf("sizelimit=%d", sizeLimit))
 	}
-	if out, err := exec.Command("mount", "-t", "erofs", "-o", opts, disk, mnt).CombinedOutput(); err != nil {
-		dmesg, _ := exec.Command("sh", "-c", "dmesg | tail -5").Output()
-		t.Fatalf("mount %s: %v\n%s\n%s", disk, err, out, dmesg)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	return mnt
+	return testutil.MountErofs(t, disk, opts...)
 }
 
 // compareTrees fails the test with every difference between the reference
