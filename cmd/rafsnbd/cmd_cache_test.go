@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -17,16 +16,6 @@ import (
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
-
-func runCacheCmd(t *testing.T, args ...string) (string, error) {
-	t.Helper()
-	var out bytes.Buffer
-	app := newApp()
-	app.Writer = &out
-	app.ErrWriter = &out
-	err := app.Run(append([]string{"rafsnbd", "cache"}, args...))
-	return out.String(), err
-}
 
 func TestParseSize(t *testing.T) {
 	for in, want := range map[string]int64{
@@ -51,14 +40,14 @@ func TestCacheCommands(t *testing.T) {
 	const id = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 	dir := filepath.Join(t.TempDir(), "cache")
 
-	out, err := runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs")
+	out, err := runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs")
 	if err != nil {
 		t.Fatalf("fetch: %v\n%s", err, out)
 	}
 	if !strings.Contains(out, "1/2 chunks cached") {
 		t.Errorf("fetch of one file:\n%s", out)
 	}
-	out, err = runCacheCmd(t, "ls", "--cache-dir", dir, "--json")
+	out, err = runCmd(t, "cache", "ls", "--cache-dir", dir, "--json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,22 +63,22 @@ func TestCacheCommands(t *testing.T) {
 	if len(ents) != 1 || ents[0].ID != id || ents[0].Size != 36864 || ents[0].Units != 2 || ents[0].ReadyUnits != 1 {
 		t.Errorf("ls --json: %+v", ents)
 	}
-	if out, err = runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "--all"); err != nil || !strings.Contains(out, "2/2 chunks cached") {
+	if out, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "--all"); err != nil || !strings.Contains(out, "2/2 chunks cached") {
 		t.Errorf("fetch --all: %v\n%s", err, out)
 	}
-	if out, err = runCacheCmd(t, "ls", "--cache-dir", dir); err != nil || !strings.Contains(out, "2/2 chunks (100%)") {
+	if out, err = runCmd(t, "cache", "ls", "--cache-dir", dir); err != nil || !strings.Contains(out, "2/2 chunks (100%)") {
 		t.Errorf("ls: %v\n%s", err, out)
 	}
-	if _, err = runCacheCmd(t, "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/missing"); err == nil {
+	if _, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/missing"); err == nil {
 		t.Error("fetch of a missing path succeeded")
 	}
-	if out, err = runCacheCmd(t, "gc", "--cache-dir", dir); err != nil || !strings.Contains(out, "0 blobs removed") {
+	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir); err != nil || !strings.Contains(out, "0 blobs removed") {
 		t.Errorf("gc without options: %v\n%s", err, out)
 	}
-	if out, err = runCacheCmd(t, "gc", "--cache-dir", dir, "--all"); err != nil || !strings.Contains(out, "1 blobs removed") {
+	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir, "--all"); err != nil || !strings.Contains(out, "1 blobs removed") {
 		t.Errorf("gc --all: %v\n%s", err, out)
 	}
-	if _, err = runCacheCmd(t, "ls"); err == nil {
+	if _, err = runCmd(t, "cache", "ls"); err == nil {
 		t.Error("ls without --cache-dir succeeded")
 	}
 }

@@ -15,16 +15,6 @@ import (
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-func runCreateCmd(t *testing.T, args ...string) (string, error) {
-	t.Helper()
-	var out bytes.Buffer
-	app := newApp()
-	app.Writer = &out
-	app.ErrWriter = &out
-	err := app.Run(append([]string{"rafsnbd", "create"}, args...))
-	return out.String(), err
-}
-
 func TestParseChunkSize(t *testing.T) {
 	for in, want := range map[string]uint32{"1M": 1 << 20, "4k": 4096, "16M": 16 << 20, "65536": 65536, "0x100000": 1 << 20} {
 		if got, err := parseChunkSize(in); err != nil || got != want {
@@ -111,7 +101,7 @@ func TestCreate(t *testing.T) {
 
 	t.Run("dir", func(t *testing.T) {
 		boot, blobs := filepath.Join(w, "d.boot"), filepath.Join(w, "dblobs")
-		out, err := runCreateCmd(t, "-B", boot, "-D", blobs, "--compressor", "lz4_block", "--chunk-size", "64K", src)
+		out, err := runCmd(t, "create", "-B", boot, "-D", blobs, "--compressor", "lz4_block", "--chunk-size", "64K", src)
 		if err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
@@ -119,7 +109,7 @@ func TestCreate(t *testing.T) {
 	})
 	t.Run("tar", func(t *testing.T) {
 		boot, blobs := filepath.Join(w, "t.boot"), filepath.Join(w, "tblobs")
-		out, err := runCreateCmd(t, "-B", boot, "-D", blobs, tarPath)
+		out, err := runCmd(t, "create", "-B", boot, "-D", blobs, tarPath)
 		if err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
@@ -135,7 +125,7 @@ func TestCreate(t *testing.T) {
 		os.Stdin = in
 		defer func() { os.Stdin = saved }()
 		boot, blobs := filepath.Join(w, "s.boot"), filepath.Join(w, "sblobs")
-		out, err := runCreateCmd(t, "-B", boot, "-D", blobs, "-")
+		out, err := runCmd(t, "create", "-B", boot, "-D", blobs, "-")
 		if err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
@@ -154,7 +144,7 @@ func TestCreate(t *testing.T) {
 		"bad chunk size":     {"--chunk-size", "3K", src},
 	} {
 		t.Run(name, func(t *testing.T) {
-			out, err := runCreateCmd(t, append([]string{"-B", filepath.Join(w, "x.boot"), "-D", filepath.Join(w, "x")}, args...)...)
+			out, err := runCmd(t, "create", append([]string{"-B", filepath.Join(w, "x.boot"), "-D", filepath.Join(w, "x")}, args...)...)
 			if err == nil {
 				t.Fatalf("accepted: %s", out)
 			}

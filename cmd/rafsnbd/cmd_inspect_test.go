@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -11,19 +10,9 @@ import (
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 )
 
-func runInspectCmd(t *testing.T, args ...string) (string, error) {
-	t.Helper()
-	var out bytes.Buffer
-	app := newApp()
-	app.Writer = &out
-	app.ErrWriter = &out
-	err := app.Run(append([]string{"rafsnbd", "inspect"}, args...))
-	return out.String(), err
-}
-
 func TestInspectJSONFixture22(t *testing.T) {
 	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
-	out, err := runInspectCmd(t, "--json", "--tree", boot)
+	out, err := runCmd(t, "inspect", "--json", "--tree", boot)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +73,7 @@ func TestInspectJSONFixture22(t *testing.T) {
 
 func TestInspectSnapshotterFixture(t *testing.T) {
 	boot := testutil.NydusFixture(t, "snapshotter-v6-bootstrap-chunk-pos-438272.boot")
-	out, err := runInspectCmd(t, "--json", boot)
+	out, err := runCmd(t, "inspect", "--json", boot)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +98,7 @@ func TestInspectSnapshotterFixture(t *testing.T) {
 			t.Errorf("JSON lacks %s", want)
 		}
 	}
-	text, err := runInspectCmd(t, "--tree", boot)
+	text, err := runCmd(t, "inspect", "--tree", boot)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +125,7 @@ func TestInspectSnapshotterFixture(t *testing.T) {
 }
 
 func TestInspectErrors(t *testing.T) {
-	if _, err := runInspectCmd(t); err == nil || !strings.Contains(err.Error(), "exactly one BOOTSTRAP") {
+	if _, err := runCmd(t, "inspect"); err == nil || !strings.Contains(err.Error(), "exactly one BOOTSTRAP") {
 		t.Errorf("no argument: %v", err)
 	}
 	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
@@ -149,7 +138,7 @@ func TestInspectErrors(t *testing.T) {
 	if err := os.WriteFile(bad, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err = runInspectCmd(t, bad)
+	_, err = runCmd(t, "inspect", bad)
 	if err == nil || !strings.Contains(err.Error(), "superblock field magic at offset 0x400") {
 		t.Errorf("corrupt bootstrap: %v", err)
 	}
