@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -43,9 +44,9 @@ keep the tree out of the filesystem's view. By default the tree is the one
 (its unused hash slots hold the digest of a zero page), for byte-identical
 output with nydus-image export --block --verity.
 
-Without -o the disk is written beside the blobs as <blob id>.image.disk (the
-last blob's id, as nydus-snapshotter names image disks) or, with --layer,
-<blob id>.layer.disk.`,
+Without -o the disk is written beside the blobs in -D as <blob id>.image.disk
+(the last blob's id, as nydus-snapshotter names image disks) or, with
+--layer, <blob id>.layer.disk. With --image or --registry, give -o.`,
 		Flags: append(imageFlags(),
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "disk `FILE` to write"},
 			&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity hash tree and print its options"},
@@ -66,13 +67,18 @@ func runExport(c *cli.Context) error {
 	if c.IsSet("verity-compat") && !c.Bool("verity") {
 		return fmt.Errorf("--verity-compat needs --verity")
 	}
+	out := c.String("output")
+	if out == "" && c.String("blob-dir") == "" {
+		// No -D (--image, --registry): there is no blob directory to
+		// write beside, and the current directory would be a surprise.
+		return errors.New("the blobs are not in a -D directory to write the disk beside: give -o FILE (a converted image's disk is also kept by 'rafsnbd convert --export image')")
+	}
 	img, err := openImage(c, false)
 	if err != nil {
 		return err
 	}
 	defer img.Close()
 
-	out := c.String("output")
 	if out == "" {
 		if len(img.Rafs.Blobs) == 0 {
 			return fmt.Errorf("the image has no blobs to name the disk after: give -o FILE")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"strings"
 	"testing"
 )
 
@@ -15,4 +16,18 @@ func runCmd(t *testing.T, command string, args ...string) (string, error) {
 	app.ErrWriter = &out
 	err := app.Run(append([]string{"rafsnbd", command}, args...))
 	return out.String(), err
+}
+
+// Without -D there is no blob directory to put the disk beside: export
+// asks for -o instead of writing into the current directory.
+func TestExportWithoutBlobDirWantsOutput(t *testing.T) {
+	for _, args := range [][]string{
+		{"--image", "example.com/app:1", "--cache-dir", t.TempDir()},
+		{"-B", "image.boot", "--registry", "example.com/app"},
+	} {
+		_, err := runCmd(t, "export", args...)
+		if err == nil || !strings.Contains(err.Error(), "give -o FILE") {
+			t.Errorf("export %v: %v, want a request for -o", args, err)
+		}
+	}
 }
