@@ -94,12 +94,17 @@ func (c *Cache) Blob(ctx context.Context, be Backend, e *rafs.BlobEntry, chunkTa
 
 	b, err := c.openBlob(ctx, be, e, chunkTable)
 	c.mu.Lock()
-	if err != nil {
+	closed := c.lock == nil // Close ran meanwhile and did not see b
+	if err != nil || closed {
 		delete(c.blobs, id)
 	} else {
 		c.blobs[id] = b
 	}
 	c.mu.Unlock()
+	if err == nil && closed {
+		b.Close()
+		err = fmt.Errorf("cache %s was closed while the blob opened", c.dir)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("blobcache: blob %s: %w", id, err)
 	}

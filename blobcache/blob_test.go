@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -463,4 +464,37 @@ func TestLockAndLifecycle(t *testing.T) {
 		t.Fatalf("Open after Close: %v", err)
 	}
 	c2.Close()
+}
+
+// TestCloseWhileOpening: closing the cache while a blob is being opened
+// neither crashes nor leaves that blob open; the open fails.
+func TestCloseWhileOpening(t *testing.T) {
+	cache, err := blobcache.Open(filepath.Join(t.TempDir(), "cache"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := makeBlob(t, rafs.CompressZstd, rafs.DigestBlake3, 2, 16<<10, 11)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	be := &memBackend{data: tb.stored, hook: func([]byte, int64) error {
+		once.Do(func() { close(entered) })
+		<-release
+		return nil
+	}}
+	opened := make(chan error, 1)
+	go func() {
+		b, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+		if err == nil {
+			b.Close()
+		}
+		opened <- err
+	}()
+	<-entered // the open is reading the blob's chunk table
+	if err := cache.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	close(release)
+	if err := <-opened; err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("open during Close: %v, want a closed-cache error", err)
+	}
 }

@@ -141,16 +141,19 @@ func (c *Cache) Close() error {
 	c.mu.Lock()
 	open := make([]*Blob, 0, len(c.blobs))
 	for _, b := range c.blobs {
-		open = append(open, b)
+		if b != nil { // nil: still being opened by Blob, which then fails
+			open = append(open, b)
+		}
 	}
+	lock := c.lock
+	c.lock = nil // Blob refuses to open anything from now on
 	c.mu.Unlock()
 	var errs []error
 	for _, b := range open {
 		errs = append(errs, b.Close())
 	}
-	if c.lock != nil {
-		errs = append(errs, c.lock.Close()) // closing drops the flock
-		c.lock = nil
+	if lock != nil {
+		errs = append(errs, lock.Close()) // closing drops the flock
 	}
 	return errors.Join(errs...)
 }
