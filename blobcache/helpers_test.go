@@ -12,8 +12,6 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/zeebo/blake3"
-
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
@@ -70,12 +68,7 @@ func makeBlob(t testing.TB, comp rafs.Compressor, dig rafs.Digester, n, chunkSiz
 			tb.plain = append(tb.plain, 0)
 		}
 		tb.plain = append(tb.plain, data...)
-		var digest [32]byte
-		if dig == rafs.DigestSHA256 {
-			digest = sha256.Sum256(data)
-		} else {
-			digest = blake3.Sum256(data)
-		}
+		digest := dig.Sum(data)
 		tb.table = append(tb.table, rafs.ChunkInfo{
 			Digest: digest, Flags: c.Flags, CompressedSize: c.CompressedSize, UncompressedSize: c.UncompressedSize,
 			CompressedOffset: c.CompressedOffset, UncompressedOffset: c.UncompressedOffset, Index: uint32(i),

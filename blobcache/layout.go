@@ -6,11 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"sort"
-
-	"github.com/zeebo/blake3"
 
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
@@ -56,14 +53,7 @@ func (l *layout) verify(u *unit, data []byte) error {
 	if !u.hasDigest {
 		return nil
 	}
-	var h hash.Hash
-	if l.digester == rafs.DigestSHA256 {
-		h = sha256.New()
-	} else {
-		h = blake3.New()
-	}
-	h.Write(data)
-	if got := h.Sum(nil); !bytes.Equal(got, u.digest[:]) {
+	if got := l.digester.Sum(data); got != u.digest {
 		return fmt.Errorf("%w: %s %x, want %x", ErrDigestMismatch, l.digester, got, u.digest)
 	}
 	return nil

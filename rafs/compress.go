@@ -2,6 +2,7 @@ package rafs
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
+	"github.com/zeebo/blake3"
 )
 
 // Chunk codecs. One place for every compressor a blob may use, so that the
@@ -150,4 +152,14 @@ func Decompress(c Compressor, dst, src []byte) error {
 		return nil
 	}
 	return fmt.Errorf("rafs: unsupported compressor %v", c)
+}
+
+// Sum is a chunk's digest under d, as chunk-info entries and the chunk
+// digest table hold it: sha256 for DigestSHA256, blake3 (32 bytes)
+// otherwise, as nydus falls back to blake3.
+func (d Digester) Sum(data []byte) [32]byte {
+	if d == DigestSHA256 {
+		return sha256.Sum256(data)
+	}
+	return blake3.Sum256(data)
 }

@@ -12,7 +12,6 @@ import (
 	"os"
 	"sync"
 
-	"github.com/zeebo/blake3"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -172,12 +171,7 @@ func readChunks(ctx context.Context, in *inode, chunkSize int, bufs *sync.Pool, 
 }
 
 func (bw *blobWriter) process(job *chunkJob, pbufs *sync.Pool) {
-	switch bw.opts.Digester {
-	case rafs.DigestSHA256:
-		job.digest = sha256.Sum256(job.data)
-	default:
-		job.digest = blake3.Sum256(job.data)
-	}
+	job.digest = bw.opts.Digester.Sum(job.data)
 	if bw.opts.Compressor == rafs.CompressNone {
 		return
 	}
