@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -279,11 +280,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	if err := b.ensure(ctx, off, off+int64(n), true); err != nil {
 		return 0, err
 	}
-	got, err := b.data.ReadAt(p[:n], off)
-	if got < n {
-		if err == nil || errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
+	if _, err := readat.Full(b.data, p[:n], off); err != nil {
 		return 0, fmt.Errorf("blobcache: blob %s: cache file read at %d: %w", b.id, off, err)
 	}
 	if n < len(p) {

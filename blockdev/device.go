@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"io"
 	"sort"
+
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
 // Device is a read-only block device of a fixed size.
@@ -120,25 +122,11 @@ func (d *Composed) ReadAt(p []byte, off int64) (int, error) {
 		if rest := e.Offset + e.Length - pos; int64(n) > rest {
 			n = int(rest)
 		}
-		if err := readFull(e.Source, p[done:done+n], pos-e.Offset); err != nil {
+		if _, err := readat.Full(e.Source, p[done:done+n], pos-e.Offset); err != nil {
 			return done, fmt.Errorf("blockdev: %s at %d: %w", e.Name, pos-e.Offset, err)
 		}
 		done += n
 		i++
 	}
 	return len(p), nil
-}
-
-// readFull is io.ReaderAt.ReadAt that treats a short read as an error even
-// when the source reports io.EOF with a full buffer (allowed by the
-// io.ReaderAt contract) or nothing at all.
-func readFull(r io.ReaderAt, p []byte, off int64) error {
-	n, err := r.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
 }

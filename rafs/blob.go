@@ -8,6 +8,8 @@ import (
 	"math/bits"
 	"sort"
 	"sync"
+
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
 // Blob-side parsing (§11): a data blob's chunk-info array and the
@@ -234,14 +236,9 @@ func (r *UncompressedReader) ReadAt(p []byte, off int64) (int, error) {
 	var err error
 	if r.direct {
 		var got int
-		got, err = r.blob.ReadAt(p[:n], off)
-		if got < n {
-			if err == nil || errors.Is(err, io.EOF) {
-				err = io.ErrUnexpectedEOF
-			}
+		if got, err = readat.Full(r.blob, p[:n], off); err != nil {
 			return got, fmt.Errorf("rafs: tarfs blob shorter than its uncompressed size %d: %w", r.size, err)
 		}
-		err = nil
 	} else if err = r.fill(p[:n], uint64(off)); err != nil {
 		return 0, err
 	}

@@ -7,6 +7,8 @@ import (
 	"io/fs"
 	"path"
 	"time"
+
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
 // FS returns a read-only io/fs view of the image. blobs[i] serves the
@@ -315,11 +317,7 @@ func (f *dataFile) readExtents(p []byte, off uint64) error {
 			return fmt.Errorf("no reader for blob %d (%s)", x.Blob, f.fsys.img.Blobs[x.Blob].ID())
 		}
 		bo := x.BlobOffset + (lo - x.FileOffset)
-		got, err := f.fsys.blobs[x.Blob].ReadAt(dst, int64(bo))
-		if got < len(dst) {
-			if err == nil || err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
+		if _, err := readat.Full(f.fsys.blobs[x.Blob], dst, int64(bo)); err != nil {
 			return fmt.Errorf("blob %d at %d: %w", x.Blob, bo, err)
 		}
 	}

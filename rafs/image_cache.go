@@ -2,9 +2,10 @@ package rafs
 
 import (
 	"container/list"
-	"errors"
 	"io"
 	"sync"
+
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
 // metaCache keeps recently read 4 KiB pages of the bootstrap. Inodes,
@@ -39,7 +40,8 @@ func newMetaCache(r io.ReaderAt, size int64) *metaCache {
 // readAt fills p from off; off+len(p) must not exceed the bootstrap size.
 func (c *metaCache) readAt(p []byte, off int64) error {
 	if len(p) > metaCacheMaxRead {
-		return readFull(c.r, p, off)
+		_, err := readat.Full(c.r, p, off)
+		return err
 	}
 	for len(p) > 0 {
 		idx := off / metaPageSize
@@ -69,7 +71,7 @@ func (c *metaCache) page(idx int64) ([]byte, error) {
 	// Concurrent misses on one page both read it; the second insert wins
 	// harmlessly, as both hold the same bytes.
 	data := make([]byte, min(metaPageSize, c.size-idx*metaPageSize))
-	if err := readFull(c.r, data, idx*metaPageSize); err != nil {
+	if _, err := readat.Full(c.r, data, idx*metaPageSize); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
@@ -84,17 +86,4 @@ func (c *metaCache) page(idx int64) ([]byte, error) {
 		delete(c.pages, old.idx)
 	}
 	return data, nil
-}
-
-// readFull reads exactly len(p) bytes at off; a short read is
-// io.ErrUnexpectedEOF.
-func readFull(r io.ReaderAt, p []byte, off int64) error {
-	n, err := r.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
 }

@@ -10,6 +10,8 @@ import (
 	"hash"
 	"io"
 	"runtime"
+
+	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
 // Tree is a finished hash tree.
@@ -421,12 +423,12 @@ func (b *Builder) load(bt *batch, first, last int) error {
 	dbs := b.p.DataBlockSize
 	buf := bt.data[first*dbs : last*dbs]
 	off := bt.off + uint64(first*dbs)
-	n, err := bt.src.ReadAt(buf, int64(off))
-	if n == len(buf) {
-		return nil // ReadAt may report io.EOF with the last bytes
-	}
-	if err == nil || err == io.EOF {
-		return fmt.Errorf("verity: data ends after %d of %d bytes: %w", off+uint64(n), b.total, io.ErrUnexpectedEOF)
+	n, err := readat.Full(bt.src, buf, int64(off))
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf("verity: data ends after %d of %d bytes: %w", off+uint64(n), b.total, err)
 	}
 	return fmt.Errorf("verity: reading data at %d: %w", off+uint64(n), err)
 }
