@@ -24,11 +24,12 @@ type placedTar struct {
 	tmp   string
 	dir   string
 	id    string
-	owned bool // a file of our own (copy or reflink), not a hard link to the caller's
+	owned bool        // a file of our own (copy or reflink), not a hard link to the caller's
+	mode  os.FileMode // given to an owned file
 	how   string
 }
 
-func (p *placedTar) commit() (string, error) { return commitBlob(p.tmp, p.dir, p.id, p.owned) }
+func (p *placedTar) commit() (string, error) { return commitBlob(p.tmp, p.dir, p.id, p.owned, p.mode) }
 
 // placeTar puts the tar's bytes into the blob directory by the cheapest
 // safe means: a reflink, else a hard link, else a streaming copy. It
@@ -37,7 +38,7 @@ func placeTar(ctx context.Context, r io.ReaderAt, size int64, opts *Options) (*p
 	if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
 		return nil, fmt.Errorf("build: %w", err)
 	}
-	p := &placedTar{dir: opts.BlobDir, id: opts.BlobID}
+	p := &placedTar{dir: opts.BlobDir, id: opts.BlobID, mode: opts.BlobMode}
 	if f, ok := r.(*os.File); ok {
 		if st, err := f.Stat(); err == nil && st.Mode().IsRegular() && st.Size() == size {
 			p.tmp, p.how, p.owned = cloneOrLink(f, opts.BlobDir)
@@ -150,11 +151,11 @@ func hashReaderAt(ctx context.Context, r io.ReaderAt, size int64) (string, error
 }
 
 // commitBlob renames a finished temporary file to dir/id; files of our own
-// become world-readable like any blob.
-func commitBlob(tmp, dir, id string, owned bool) (string, error) {
+// get mode.
+func commitBlob(tmp, dir, id string, owned bool, mode os.FileMode) (string, error) {
 	path := filepath.Join(dir, id)
 	if owned {
-		if err := os.Chmod(tmp, 0o644); err != nil {
+		if err := os.Chmod(tmp, mode); err != nil {
 			return "", fmt.Errorf("build: %w", err)
 		}
 	}

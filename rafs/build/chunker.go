@@ -268,7 +268,7 @@ func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 	}
 	id := hex.EncodeToString(bw.sum.Sum(nil))
 	size := int64(ciOff) + int64(len(ci)) + rafs.BlobMetaHeaderSize
-	path, err := commitBlob(bw.f.Name(), bw.opts.BlobDir, id, true)
+	path, err := commitBlob(bw.f.Name(), bw.opts.BlobDir, id, true, bw.opts.BlobMode)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -15,6 +15,7 @@ package build
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -73,6 +74,9 @@ type Options struct {
 	// (for example the layer digest a registry already vouches for); the
 	// tar is then not hashed. Ignored in directory mode.
 	BlobID string
+	// BlobMode is the permission of blob files the build writes (0 means
+	// 0644); a tar it hard-links into BlobDir keeps the caller's.
+	BlobMode os.FileMode
 }
 
 // DefaultOptions returns zstd, blake3 and 1 MiB chunks, as nydus-image
@@ -92,6 +96,9 @@ func (o *Options) normalize() error {
 	}
 	if o.ChunkSize == 0 {
 		o.ChunkSize = DefaultChunkSize
+	}
+	if o.BlobMode == 0 {
+		o.BlobMode = 0o644
 	}
 	if cs := o.ChunkSize; cs&(cs-1) != 0 || cs < 4096 || cs > 16<<20 {
 		return fmt.Errorf("build: chunk size %d: want a power of two from 4 KiB to 16 MiB", cs)

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -284,4 +286,36 @@ func FuzzFromTar(f *testing.F) {
 			t.Fatalf("walking the image: %v", err)
 		}
 	})
+}
+
+// TestBlobMode: blobs the build writes itself (a dir-mode blob, a copied
+// tar) get Options.BlobMode, 0644 by default.
+func TestBlobMode(t *testing.T) {
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tb := makeTar(t, dirEnt("d/", 0o755))
+	for _, mode := range []os.FileMode{0, 0o600} {
+		opts := DefaultOptions(t.TempDir())
+		opts.BlobMode = mode
+		want := mode
+		if want == 0 {
+			want = 0o644
+		}
+		dres, err := FromDir(context.Background(), src, io.Discard, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tres, err := FromTar(context.Background(), bytes.NewReader(tb), io.Discard, opts) // not a file: copied
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range []Blob{dres.Blobs[0], tres.Blobs[0]} {
+			fi, err := os.Stat(b.Path)
+			if err != nil || fi.Mode().Perm() != want {
+				t.Errorf("BlobMode %v: %s has mode %v (%v), want %v", mode, b.Path, fi.Mode().Perm(), err, want)
+			}
+		}
+	}
 }

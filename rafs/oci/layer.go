@@ -162,6 +162,7 @@ func (cv *converter) convertLayer(ctx context.Context, l layerDesc) (*LayerResul
 	defer bf.Close()
 	opts := build.DefaultOptions(staging)
 	opts.BlobID = id
+	opts.BlobMode = cacheFileMode // a reflinked copy is ours; the cache is not world-readable
 	if _, err := build.FromTar(ctx, tar, bf, opts); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
