@@ -514,17 +514,13 @@ func (cv *converter) imageDone(img *image) (*ImageInfo, bool) {
 	if err != nil || len(rec.Layers) != len(img.layers) {
 		return nil, false
 	}
-	if st, err := os.Stat(filepath.Join(cv.cache.dir, rec.Bootstrap)); err != nil || !st.Mode().IsRegular() {
-		return nil, false
-	}
 	for i, l := range rec.Layers {
 		if l.DiffID != img.layers[i].diffID.String() {
 			return nil, false
 		}
-		st, err := os.Stat(cv.cache.blobPath(hexOf(l.DiffID)))
-		if err != nil || st.Size() != l.TarSize {
-			return nil, false
-		}
+	}
+	if rec.checkFiles(cv.cache.dir) != nil {
+		return nil, false
 	}
 	return rec, true
 }

@@ -75,16 +75,25 @@ func LookupImage(cacheDir, refOrDigest string) (*ImageInfo, error) {
 	if _, ok := digestPrefix(refOrDigest); ok && len(matched) > 1 {
 		return nil, fmt.Errorf("oci: %s: ambiguous, matches %s", refOrDigest, strings.Join(matched, ", "))
 	}
-	if st, err := os.Stat(filepath.Join(abs, best.Bootstrap)); err != nil || !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("oci: %s: bootstrap %s is missing", refOrDigest, best.Bootstrap)
-	}
-	for _, l := range best.Layers {
-		p := filepath.Join(abs, best.BlobDir, hexOf(l.DiffID))
-		if st, err := os.Stat(p); err != nil || st.Size() != l.TarSize {
-			return nil, fmt.Errorf("oci: %s: layer tar %s is missing or has changed", refOrDigest, p)
-		}
+	if err := best.checkFiles(abs); err != nil {
+		return nil, fmt.Errorf("oci: %s: %w", refOrDigest, err)
 	}
 	return best, nil
+}
+
+// checkFiles reports what of a converted image is no longer in cacheDir as
+// it was recorded: the bootstrap, or a layer tar (gone or resized).
+func (rec *ImageInfo) checkFiles(cacheDir string) error {
+	if st, err := os.Stat(filepath.Join(cacheDir, rec.Bootstrap)); err != nil || !st.Mode().IsRegular() {
+		return fmt.Errorf("bootstrap %s is missing", rec.Bootstrap)
+	}
+	for _, l := range rec.Layers {
+		p := filepath.Join(cacheDir, rec.BlobDir, hexOf(l.DiffID))
+		if st, err := os.Stat(p); err != nil || st.Size() != l.TarSize {
+			return fmt.Errorf("layer tar %s is missing or has changed", p)
+		}
+	}
+	return nil
 }
 
 // digestPrefix recognizes a manifest digest or a prefix of its hex.
