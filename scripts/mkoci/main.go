@@ -32,7 +32,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
-	"golang.org/x/sys/unix"
+
+	"github.com/rafsnbd/rafsnbd/internal/treecmp"
 )
 
 func main() {
@@ -224,7 +225,9 @@ func tarDir(root string, w io.Writer) error {
 				seen[key] = hdr.Name
 			}
 		}
-		hdr.PAXRecords = xattrRecords(p)
+		if hdr.PAXRecords, err = xattrRecords(p); err != nil {
+			return err
+		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return err
 		}
@@ -246,24 +249,17 @@ func tarDir(root string, w io.Writer) error {
 	return tw.Close()
 }
 
-func xattrRecords(p string) map[string]string {
-	buf := make([]byte, 64<<10)
-	n, err := unix.Llistxattr(p, buf)
-	if err != nil || n == 0 {
-		return nil
+// xattrRecords are p's user. and trusted. xattrs as PAX records.
+func xattrRecords(p string) (map[string]string, error) {
+	x, err := treecmp.Xattrs(p, []string{"user.", "trusted."})
+	if err != nil || len(x) == 0 {
+		return nil, err
 	}
-	recs := map[string]string{}
-	for _, name := range strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00") {
-		if !strings.HasPrefix(name, "user.") && !strings.HasPrefix(name, "trusted.") {
-			continue
-		}
-		val := make([]byte, 64<<10)
-		m, err := unix.Lgetxattr(p, name, val)
-		if err == nil {
-			recs["SCHILY.xattr."+name] = string(val[:m])
-		}
+	recs := make(map[string]string, len(x))
+	for k, v := range x {
+		recs["SCHILY.xattr."+k] = v
 	}
-	return recs
+	return recs, nil
 }
 
 // synthesize writes three layer tars that look like a real image: a base
