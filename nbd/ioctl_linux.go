@@ -97,11 +97,17 @@ func ioctlName(nr uint) string {
 	return fmt.Sprintf("NBD ioctl %d", nr)
 }
 
+// nbdIoctlNamed is nbdIoctl with the ioctl's name in the error; EBUSY (the
+// device is someone else's) is also errDeviceBusy.
 func nbdIoctlNamed(f *os.File, nr uint, arg uintptr) error {
-	if err := nbdIoctl(f, nr, arg); err != nil {
-		return fmt.Errorf("%s: %w", ioctlName(nr), err)
+	err := nbdIoctl(f, nr, arg)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EBUSY):
+		return fmt.Errorf("%w: %s: %w", errDeviceBusy, ioctlName(nr), err)
 	}
-	return nil
+	return fmt.Errorf("%s: %w", ioctlName(nr), err)
 }
 
 // ioctlSetup is what the session thread needs to configure a device.
@@ -211,17 +217,11 @@ func (sess *ioctlSession) configure(s ioctlSetup) error {
 	}
 	for _, st := range steps {
 		if err := nbdIoctlNamed(f, st.nr, st.arg); err != nil {
-			if errors.Is(err, unix.EBUSY) {
-				return fmt.Errorf("%w: %v", errDeviceBusy, err)
-			}
 			return err
 		}
 	}
 	for _, fd := range s.socketFDs {
 		if err := nbdIoctlNamed(f, ioctlSetSock, uintptr(fd)); err != nil {
-			if errors.Is(err, unix.EBUSY) {
-				return fmt.Errorf("%w: %v", errDeviceBusy, err)
-			}
 			return err
 		}
 	}

@@ -473,9 +473,6 @@ func attachIoctlAt(ctx context.Context, dev Device, o *KernelOptions, index int)
 		_ = a.Detach(context.Background())
 		select {
 		case <-sess.done:
-			if errors.Is(sess.doItErr, unix.EBUSY) {
-				return nil, fmt.Errorf("nbd: %s: %w: %v", path, errDeviceBusy, sess.doItErr)
-			}
 			if sess.doItErr != nil {
 				return nil, fmt.Errorf("nbd: %s: %w", path, sess.doItErr)
 			}
