@@ -133,10 +133,10 @@ func (c *Cache) openBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chu
 		}
 	}
 
-	hdr := mapHeader{units: uint32(len(lay.units)), unitSize: uint32(lay.unitSize), size: uint64(lay.size), fingerprint: lay.fingerprint(entryFP)}
-	if len(lay.units) > 1<<32-1 {
+	if len(lay.units) > 1<<32-1 { // before the count becomes a uint32 below
 		return nil, fmt.Errorf("%d units are too many", len(lay.units))
 	}
+	hdr := mapHeader{units: uint32(len(lay.units)), unitSize: uint32(lay.unitSize), size: uint64(lay.size), fingerprint: lay.fingerprint(entryFP)}
 	data, rmap, err := c.openFiles(id, hdr, log)
 	if err != nil {
 		return nil, err
@@ -338,7 +338,7 @@ func (b *Blob) ensure(ctx context.Context, off, end int64, foreground bool) erro
 		if b.allReady(lo, hi) {
 			return nil
 		}
-		if err == nil { // cannot happen: a fetch that leaves a unit out says why
+		if err == nil { // the fetches succeeded, but a failed Flush forgot their units since
 			err = fmt.Errorf("blobcache: blob %s: range [%d, %d) not filled", b.id, off, end)
 		}
 	}
