@@ -68,16 +68,12 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	case opts.WriteTimeout < 0:
 		opts.WriteTimeout = 0
 	}
-	maxRequest := opts.MaxRequestSize
-	if maxRequest == 0 || maxRequest > MaxRequestSize {
-		maxRequest = MaxRequestSize
-	}
-	opts.MaxRequestSize = maxRequest
+	opts.MaxRequestSize = opts.maxRequestSize()
 	shared := s.MaxBufferedBytes
 	if shared <= 0 {
 		shared = 512 << 20
 	}
-	opts.shared = newByteBudget(max(shared, bufferSize(int(maxRequest))))
+	opts.shared = newByteBudget(budgetFloor(shared, opts.MaxRequestSize))
 
 	stopClosing := context.AfterFunc(ctx, func() { _ = l.Close() })
 	defer stopClosing()

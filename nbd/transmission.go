@@ -170,15 +170,27 @@ type engine struct {
 
 var errDisconnect = errors.New("nbd: disconnect requested") // internal: DISC seen
 
+// maxRequestSize is the largest request served: MaxRequestSize, or the
+// protocol's limit when it is unset or above it.
+func (o *TransmissionOptions) maxRequestSize() uint32 {
+	if o.MaxRequestSize == 0 || o.MaxRequestSize > MaxRequestSize {
+		return MaxRequestSize
+	}
+	return o.MaxRequestSize
+}
+
+// budgetFloor raises a buffer budget to hold at least one largest request,
+// so that any request can be served.
+func budgetFloor(budget int64, maxRequest uint32) int64 {
+	return max(budget, bufferSize(int(maxRequest)))
+}
+
 func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev Device, opts TransmissionOptions) error {
 	handlers := opts.Handlers
 	if handlers <= 0 {
 		handlers = max(8, 4*runtime.GOMAXPROCS(0))
 	}
-	maxRequest := opts.MaxRequestSize
-	if maxRequest == 0 || maxRequest > MaxRequestSize {
-		maxRequest = MaxRequestSize
-	}
+	maxRequest := opts.maxRequestSize()
 	drain := opts.DrainTimeout
 	if drain <= 0 {
 		drain = defaultDrain
@@ -191,7 +203,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 	if budget <= 0 {
 		budget = defaultBufferedBytes
 	}
-	budget = max(budget, bufferSize(int(maxRequest)))
+	budget = budgetFloor(budget, maxRequest)
 	log := zerolog.Nop()
 	if opts.Logger != nil {
 		log = *opts.Logger
