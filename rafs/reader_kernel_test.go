@@ -6,7 +6,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -15,37 +14,16 @@ import (
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 )
 
-// The kernel's EROFS driver is the judge that matters: these tests mount
-// bootstraps with their blobs attached as extra devices (-o device=, one
-// loop device each, as nydus-snapshotter does for tarfs) and compare every
-// path the kernel shows with what the reader parsed. This also covers
-// 512-byte-block (tarfs) images, which erofs-utils 1.5 cannot read.
-
-func losetup(t *testing.T, file string) string {
-	t.Helper()
-	out, err := exec.Command("losetup", "-f", "--show", "-r", file).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %s: %v: %s", file, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-	})
-	return dev
-}
-
 // mountWithDevices mounts boot with one extra device per blob file and
 // returns the mount point; cleanup unmounts.
 func mountWithDevices(t *testing.T, boot string, blobs []string) string {
 	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "losetup", "mount", "umount")
-	meta := losetup(t, boot)
+	meta := testutil.Losetup(t, boot)
 	var opts []string
 	for _, b := range blobs {
-		opts = append(opts, "device="+losetup(t, b))
+		opts = append(opts, "device="+testutil.Losetup(t, b))
 	}
 	return testutil.MountErofs(t, meta, opts...)
 }

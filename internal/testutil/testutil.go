@@ -9,6 +9,9 @@
 package testutil
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -120,4 +123,39 @@ func MountErofs(t testing.TB, source string, opts ...string) string {
 		}
 	})
 	return mnt
+}
+
+// Losetup attaches file to a free read-only loop device and detaches it
+// when the test ends; register it before a mount that uses the device, so
+// that the mount goes first.
+func Losetup(t testing.TB, file string) string {
+	t.Helper()
+	RequireRoot(t)
+	RequireTool(t, "losetup")
+	out, err := exec.Command("losetup", "-f", "--show", "-r", file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup %s: %v: %s", file, err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// FileSHA256 is the hex sha256 of a file's content.
+func FileSHA256(t testing.TB, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatalf("reading %s: %v", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }

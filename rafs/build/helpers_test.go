@@ -1,14 +1,10 @@
 package build
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -145,23 +142,6 @@ func uncompressedBlob(t *testing.T, path string, e rafs.BlobEntry) string {
 	return out
 }
 
-// losetup attaches a read-only loop device and detaches it when the test
-// ends (register it before the mount that uses it, so it goes after).
-func losetup(t *testing.T, file string) string {
-	t.Helper()
-	out, err := exec.Command("losetup", "-f", "--show", "-r", file).Output()
-	if err != nil {
-		t.Fatalf("losetup %s: %v", file, err)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-	})
-	return dev
-}
-
 // fileState is everything compared about one path of a tree.
 type fileState struct {
 	Type      string
@@ -206,7 +186,7 @@ func snapshot(t *testing.T, root string, skip func(rel string, st *unix.Stat_t) 
 		case unix.S_IFREG:
 			s.Type = "reg"
 			s.Size = st.Size
-			s.SHA256 = fileSHA256(t, p)
+			s.SHA256 = testutil.FileSHA256(t, p)
 		case unix.S_IFLNK:
 			s.Type = "symlink"
 			s.Size = st.Size
@@ -241,19 +221,6 @@ func snapshot(t *testing.T, root string, skip func(rel string, st *unix.Stat_t) 
 		states[rel] = s
 	}
 	return states
-}
-
-func fileSHA256(t *testing.T, p string) string {
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatalf("reading %s: %v", p, err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 func xattrString(t *testing.T, p string) string {

@@ -154,7 +154,7 @@ func TestKernelTarfs(t *testing.T) {
 	t.Logf("bootstrap %d bytes, %d inodes; tar blob %s (%s): %d bytes, %d chunks",
 		res.Bootstrap.Size, res.Bootstrap.Inodes, blob.ID, blob.Placed, blob.Size, blob.Chunks)
 	checkBlobNamedBySHA256(t, blob.Path)
-	if got, want := fileSHA256(t, blob.Path), fileSHA256(t, tarPath); got != want {
+	if got, want := testutil.FileSHA256(t, blob.Path), testutil.FileSHA256(t, tarPath); got != want {
 		t.Fatalf("blob %s is not the tar", blob.Path)
 	}
 
@@ -165,7 +165,7 @@ func TestKernelTarfs(t *testing.T) {
 	t.Run("device-option", func(t *testing.T) {
 		// How nydus-snapshotter mounts tarfs on a host: the bootstrap
 		// with the layer tar as an extra device.
-		dev := losetup(t, blob.Path)
+		dev := testutil.Losetup(t, blob.Path)
 		mnt := testutil.MountErofs(t, boot, "loop", "device="+dev)
 		compareTrees(t, want, snapshot(t, mnt, nil))
 	})
@@ -173,7 +173,7 @@ func TestKernelTarfs(t *testing.T) {
 
 func checkBlobNamedBySHA256(t *testing.T, path string) {
 	t.Helper()
-	if got := fileSHA256(t, path); got != filepath.Base(path) {
+	if got := testutil.FileSHA256(t, path); got != filepath.Base(path) {
 		t.Errorf("blob %s has sha256 %s", path, got)
 	}
 }

@@ -84,7 +84,7 @@ func TestKernelLargeFileTarfs(t *testing.T) {
 	if res.Blobs[0].ID != strings.Repeat("5a", 32) {
 		t.Fatalf("blob id %s", res.Blobs[0].ID)
 	}
-	dev := losetup(t, res.Blobs[0].Path)
+	dev := testutil.Losetup(t, res.Blobs[0].Path)
 	mnt := testutil.MountErofs(t, boot, "loop", "device="+dev)
 	checkLarge(t, filepath.Join(mnt, "large"))
 }

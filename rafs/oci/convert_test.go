@@ -173,8 +173,8 @@ func TestConvertMatchesUmoci(t *testing.T) {
 	// And into a cache of its own: byte-identical results.
 	cache2 := filepath.Join(dir, "cache2")
 	fresh := convertT(t, "oci:"+layoutDir+":v1", Options{CacheDir: cache2, Export: ExportImage, Verity: true})
-	if fresh.Reused || fileSHA256(t, fresh.Bootstrap) != fileSHA256(t, fromRegistry.Bootstrap) ||
-		fileSHA256(t, fresh.Exports[0].Path) != fileSHA256(t, ex.Path) {
+	if fresh.Reused || testutil.FileSHA256(t, fresh.Bootstrap) != testutil.FileSHA256(t, fromRegistry.Bootstrap) ||
+		testutil.FileSHA256(t, fresh.Exports[0].Path) != testutil.FileSHA256(t, ex.Path) {
 		t.Error("converting from the layout gives other bytes than from the registry")
 	}
 
@@ -266,7 +266,7 @@ func TestConvertMediaTypes(t *testing.T) {
 		if a.ManifestDigest == b.ManifestDigest {
 			t.Fatalf("%s: the images have one manifest", tag)
 		}
-		if fileSHA256(t, a.Bootstrap) != fileSHA256(t, b.Bootstrap) || fileSHA256(t, a.Exports[0].Path) != fileSHA256(t, b.Exports[0].Path) {
+		if testutil.FileSHA256(t, a.Bootstrap) != testutil.FileSHA256(t, b.Bootstrap) || testutil.FileSHA256(t, a.Exports[0].Path) != testutil.FileSHA256(t, b.Exports[0].Path) {
 			t.Errorf("%s and gzip images of the same tars convert to different bytes", tag)
 		}
 	}

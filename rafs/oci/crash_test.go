@@ -169,7 +169,7 @@ func TestConvertKilled(t *testing.T) {
 
 	// The reference: a clean, uninterrupted conversion.
 	clean := convertT(t, reg+"/crash/img:v1", Options{CacheDir: filepath.Join(dir, "clean"), Export: ExportImage, Verity: true, Insecure: true})
-	cleanBoot, cleanDisk := fileSHA256(t, clean.Bootstrap), fileSHA256(t, clean.Exports[0].Path)
+	cleanBoot, cleanDisk := testutil.FileSHA256(t, clean.Bootstrap), testutil.FileSHA256(t, clean.Exports[0].Path)
 
 	cache := filepath.Join(dir, "cache")
 	points := []struct {
@@ -219,11 +219,11 @@ func TestConvertKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fileSHA256(t, boot) != cleanBoot {
+	if testutil.FileSHA256(t, boot) != cleanBoot {
 		t.Error("the image bootstrap differs from a clean conversion's")
 	}
 	disk := filepath.Join(blobs, filepath.Base(clean.Exports[0].Path))
-	if fileSHA256(t, disk) != cleanDisk {
+	if testutil.FileSHA256(t, disk) != cleanDisk {
 		t.Error("the image disk differs from a clean conversion's")
 	}
 	checkCacheConsistent(t, cache)
@@ -306,7 +306,7 @@ func TestConvertConcurrentShared(t *testing.T) {
 	if results[0].Reused == results[1].Reused {
 		t.Errorf("the two conversions of one image: reused %v and %v, want exactly one", results[0].Reused, results[1].Reused)
 	}
-	if fileSHA256(t, results[0].Exports[0].Path) != fileSHA256(t, results[1].Exports[0].Path) {
+	if testutil.FileSHA256(t, results[0].Exports[0].Path) != testutil.FileSHA256(t, results[1].Exports[0].Path) {
 		t.Error("the same image exported twice differs")
 	}
 	checkCacheConsistent(t, cache)

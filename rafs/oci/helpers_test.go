@@ -4,8 +4,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -114,15 +112,10 @@ func (l *memLayer) Uncompressed() (io.ReadCloser, error) {
 func (l *memLayer) Size() (int64, error)                { return int64(len(l.blob)), nil }
 func (l *memLayer) MediaType() (types.MediaType, error) { return l.mt, nil }
 
-func hashOf(b []byte) v1.Hash {
-	sum := sha256.Sum256(b)
-	return v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(sum[:])}
-}
-
 // newLayer compresses a tar: "gzip", "zstd" or "none".
 func newLayer(t testing.TB, tarBytes []byte, compression string) *memLayer {
 	t.Helper()
-	l := &memLayer{tar: tarBytes, diffID: hashOf(tarBytes)}
+	l := &memLayer{tar: tarBytes, diffID: sha256Hash(tarBytes)}
 	var b bytes.Buffer
 	switch compression {
 	case "gzip":
@@ -150,7 +143,7 @@ func newLayer(t testing.TB, tarBytes []byte, compression string) *memLayer {
 		t.Fatalf("compression %q", compression)
 	}
 	l.blob = b.Bytes()
-	l.digest = hashOf(l.blob)
+	l.digest = sha256Hash(l.blob)
 	return l
 }
 
@@ -315,20 +308,6 @@ func convertT(t testing.TB, ref string, opts Options) *Result {
 		t.Fatalf("convert %s: %v", ref, err)
 	}
 	return res
-}
-
-func fileSHA256(t testing.TB, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 // isWhiteout reports whether a scanned path is a whiteout entry.

@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/rafsnbd/rafsnbd/internal/testregistry"
+	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -56,7 +57,7 @@ func checkCacheConsistent(t *testing.T, cache string) {
 		tar := filepath.Join(cache, "blobs", id)
 		if st, err := os.Stat(tar); err != nil || uint64(st.Size()) != size {
 			t.Errorf("layer %s published without its complete tar: %v", id, err)
-		} else if got := fileSHA256(t, tar); got != id {
+		} else if got := testutil.FileSHA256(t, tar); got != id {
 			t.Errorf("tar %s has sha256 %s", tar, got)
 		}
 	}
@@ -82,7 +83,7 @@ func checkCacheConsistent(t *testing.T, cache string) {
 		if _, err := os.Stat(filepath.Join(cache, "layers", filepath.Base(p)+".boot")); err != nil {
 			// A tar without its bootstrap is allowed (the next run
 			// checks its sha256 and indexes it), but never a bad one.
-			if fileSHA256(t, p) != filepath.Base(p) {
+			if testutil.FileSHA256(t, p) != filepath.Base(p) {
 				t.Errorf("blob %s does not have the sha256 it is named by", p)
 			}
 		}
@@ -174,7 +175,7 @@ func TestHostileOversizedConfig(t *testing.T) {
 // them in index.json.
 func writeRawManifest(t *testing.T, layoutDir, tag string, raw []byte) v1.Hash {
 	t.Helper()
-	d := hashOf(raw)
+	d := sha256Hash(raw)
 	if err := os.WriteFile(filepath.Join(layoutDir, "blobs", "sha256", d.Hex), raw, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +230,7 @@ func TestHostileLayerDigestMismatch(t *testing.T) {
 	// Garbage after a valid gzip stream is not part of the layer.
 	withJunk := newLayer(t, makeTar(t, tFile("x", "x")), "gzip")
 	withJunk.blob = append(withJunk.blob, "trailing junk"...)
-	withJunk.digest = hashOf(withJunk.blob)
+	withJunk.digest = sha256Hash(withJunk.blob)
 	writeLayout(t, layoutDir, "junk", newImage(t, withJunk))
 	expectError(t, "oci:"+layoutDir+":junk", Options{CacheDir: cache}, "layer 0")
 	checkNothingDone(t, cache)
@@ -267,7 +268,7 @@ func TestHostileDiffID(t *testing.T) {
 	dir := t.TempDir()
 	cache := filepath.Join(dir, "cache")
 	l := newLayer(t, makeTar(t, tFile("a", "real")), "gzip")
-	l.diffID = hashOf([]byte("something else"))
+	l.diffID = sha256Hash([]byte("something else"))
 	layoutDir := writeLayout(t, filepath.Join(dir, "layout"), "v1", newImage(t, l))
 	expectError(t, "oci:"+layoutDir+":v1", Options{CacheDir: cache}, "does not match the config's diff_id "+l.diffID.String())
 	checkNothingDone(t, cache)
@@ -320,7 +321,7 @@ func TestHostileManifests(t *testing.T) {
 		{"md5", `{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","size":2,"digest":"md5:0123456789abcdef0123456789abcdef"},"layers":[]}`, "unsupported hash"},
 	}
 	// The config of "nolayers": {}.
-	if err := os.WriteFile(filepath.Join(layoutDir, "blobs", "sha256", hashOf([]byte("{}")).Hex), []byte("{}"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(layoutDir, "blobs", "sha256", sha256Hash([]byte("{}")).Hex), []byte("{}"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range cases {
