@@ -40,16 +40,14 @@ type chunkJob struct {
 // blobWriter appends chunks to a temporary file in the blob directory and
 // tracks the chunk-info array.
 type blobWriter struct {
-	opts    *Options
-	f       *os.File
-	w       *bufio.Writer
-	sum     hash.Hash
-	coff    uint64 // bytes written so far
-	uoff    uint64 // next uncompressed offset (4 KiB aligned)
-	seen    map[[32]byte]uint32
-	chunks  []rafs.BlobChunk
-	infos   []rafs.ChunkInfo
-	blobIdx int
+	opts  *Options
+	f     *os.File
+	w     *bufio.Writer
+	sum   hash.Hash
+	coff  uint64 // bytes written so far
+	uoff  uint64 // next uncompressed offset (4 KiB aligned)
+	seen  map[[32]byte]uint32
+	infos []rafs.ChunkInfo // the blob's distinct chunks, in ci order
 }
 
 // writeDirBlob chunks the regular files (each visited once, in order),
@@ -132,7 +130,7 @@ func (bw *blobWriter) run(ctx context.Context, files []*inode) (*rafs.BlobInfo, 
 	if err := g.Wait(); err != nil {
 		return nil, nil, err
 	}
-	if len(bw.chunks) == 0 {
+	if len(bw.infos) == 0 {
 		return nil, nil, nil
 	}
 	return bw.finish()
@@ -194,7 +192,7 @@ func (bw *blobWriter) process(job *chunkJob, pbufs *sync.Pool) {
 func (bw *blobWriter) add(job *chunkJob) error {
 	ci, ok := bw.seen[job.digest]
 	if !ok {
-		if len(bw.chunks) > rafs.MaxCIIndex {
+		if len(bw.infos) > rafs.MaxCIIndex {
 			return fmt.Errorf("build: more than 2^24 distinct chunks in one blob")
 		}
 		stored, flags := job.data, uint32(0)
@@ -207,15 +205,8 @@ func (bw *blobWriter) add(job *chunkJob) error {
 		if _, err := bw.w.Write(stored); err != nil {
 			return fmt.Errorf("build: writing blob: %w", err)
 		}
-		ci = uint32(len(bw.chunks))
+		ci = uint32(len(bw.infos))
 		bw.seen[job.digest] = ci
-		bw.chunks = append(bw.chunks, rafs.BlobChunk{
-			CompressedOffset:   bw.coff,
-			CompressedSize:     uint32(len(stored)),
-			UncompressedOffset: bw.uoff,
-			UncompressedSize:   uint32(len(job.data)),
-			Flags:              flags,
-		})
 		bw.infos = append(bw.infos, rafs.ChunkInfo{
 			Digest:             job.digest,
 			Flags:              flags,
@@ -229,17 +220,19 @@ func (bw *blobWriter) add(job *chunkJob) error {
 		bw.coff += uint64(len(stored))
 		bw.uoff = roundUp(bw.uoff+uint64(len(job.data)), 4096)
 	}
-	blk := bw.chunks[ci].UncompressedOffset >> rafs.BlockSizeBitsDefault
-	job.file.meta.Chunks = append(job.file.meta.Chunks, rafs.NewChunkIndex(bw.blobIdx, ci, uint32(blk)))
+	blk := bw.infos[ci].UncompressedOffset >> rafs.BlockSizeBitsDefault
+	job.file.meta.Chunks = append(job.file.meta.Chunks, rafs.NewChunkIndex(0, ci, uint32(blk))) // the image's only blob
 	return nil
 }
 
 // finish appends the chunk-info array and its header, and names the blob.
 func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 	ciOff := bw.coff
-	ci := make([]byte, rafs.CIv1EntrySize*len(bw.chunks))
-	for i, c := range bw.chunks {
-		if err := rafs.EncodeCIv1(ci[rafs.CIv1EntrySize*i:], c); err != nil {
+	ci := make([]byte, rafs.CIv1EntrySize*len(bw.infos))
+	for i, c := range bw.infos {
+		bc := rafs.BlobChunk{CompressedOffset: c.CompressedOffset, CompressedSize: c.CompressedSize,
+			UncompressedOffset: c.UncompressedOffset, UncompressedSize: c.UncompressedSize, Flags: c.Flags}
+		if err := rafs.EncodeCIv1(ci[rafs.CIv1EntrySize*i:], bc); err != nil {
 			return nil, nil, fmt.Errorf("build: chunk %d: %w", i, err)
 		}
 	}
@@ -247,7 +240,7 @@ func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 		Magic:              rafs.BlobMetaMagic,
 		Features:           rafs.BlobFeatureAligned,
 		CICompressor:       rafs.CompressNone,
-		CIEntries:          uint32(len(bw.chunks)),
+		CIEntries:          uint32(len(bw.infos)),
 		CIOffset:           ciOff,
 		CICompressedSize:   uint64(len(ci)),
 		CIUncompressedSize: uint64(len(ci)),
@@ -273,7 +266,7 @@ func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 		return nil, nil, err
 	}
 	entry := rafs.BlobEntry{
-		ChunkCount:         uint32(len(bw.chunks)),
+		ChunkCount:         uint32(len(bw.infos)),
 		Compressor:         bw.opts.Compressor,
 		Digester:           bw.opts.Digester,
 		Features:           rafs.BlobFeatureAligned,
@@ -285,7 +278,7 @@ func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 		CIUncompressedSize: uint64(len(ci)),
 	}
 	info := &rafs.BlobInfo{ID: id, Entry: entry, Chunks: bw.infos}
-	blob := &Blob{ID: id, Path: path, Size: size, UncompressedSize: bw.uoff, Chunks: uint32(len(bw.chunks))}
+	blob := &Blob{ID: id, Path: path, Size: size, UncompressedSize: bw.uoff, Chunks: uint32(len(bw.infos))}
 	return info, blob, nil
 }
 
