@@ -906,3 +906,15 @@ func log2(v uint64) int {
 	}
 	return bits.TrailingZeros64(v)
 }
+
+// EncodeRdev packs a device number as EROFS stores it in i_u: the kernel's
+// new_encode_dev layout (minor's low byte, 12 bits of major, then the rest
+// of minor).
+func EncodeRdev(major, minor uint32) uint32 {
+	return minor&0xFF | major&0xFFF<<8 | (minor&^0xFF)<<12
+}
+
+// DecodeRdev is the inverse of EncodeRdev.
+func DecodeRdev(rdev uint32) (major, minor uint32) {
+	return rdev >> 8 & 0xFFF, rdev&0xFF | rdev>>12&^0xFF
+}

@@ -646,8 +646,7 @@ func (l *wrLayout) encodeInode(img []byte, wi *wrInode) error {
 	case ModeRegular:
 		ino.U = uint32(wi.chunkFmt)
 	case ModeChar, ModeBlock:
-		// The kernel's new_encode_dev layout.
-		ino.U = n.RdevMinor&0xFF | n.RdevMajor<<8 | (n.RdevMinor&^0xFF)<<12
+		ino.U = EncodeRdev(n.RdevMajor, n.RdevMinor)
 	}
 	if err := ino.Encode(img[wi.pos:]); err != nil {
 		return fmt.Errorf("rafs: %q: %w", wi.path, err)

@@ -300,8 +300,7 @@ func rdevString(e *rafs.Entry) string {
 	if t := e.Mode & rafs.ModeTypeMask; t != rafs.ModeChar && t != rafs.ModeBlock {
 		return ""
 	}
-	major := (e.Rdev >> 8) & 0xFFF
-	minor := e.Rdev&0xFF | (e.Rdev>>12)&0xFFF00
+	major, minor := rafs.DecodeRdev(e.Rdev)
 	return fmt.Sprintf("%d,%d", major, minor)
 }
 

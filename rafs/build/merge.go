@@ -315,9 +315,7 @@ func (m *merger) convert(e *rafs.Entry) *rafs.Node {
 	}
 	switch e.Mode & rafs.ModeTypeMask {
 	case rafs.ModeChar, rafs.ModeBlock:
-		// EROFS keeps new_encode_dev(rdev).
-		n.RdevMajor = e.Rdev >> 8 & 0xFFF
-		n.RdevMinor = e.Rdev&0xFF | e.Rdev>>12&^0xFF
+		n.RdevMajor, n.RdevMinor = rafs.DecodeRdev(e.Rdev)
 	case rafs.ModeRegular:
 		n.Size = e.Size
 		n.ChunkSize = e.ChunkSize
