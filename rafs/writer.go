@@ -18,10 +18,6 @@ const (
 	// wrMappedAlign is the alignment of each blob's first block in the flat
 	// device (§4: roundup(pos, 512 KiB)).
 	wrMappedAlign = 512 << 10
-	// wrMaxNameLen is EROFS_NAME_LEN.
-	wrMaxNameLen = 255
-	// wrMaxSymlinkLen is PATH_MAX less the NUL the kernel appends.
-	wrMaxSymlinkLen = 4095
 )
 
 // Node is one entry of the tree a bootstrap is written from. A Node is an
@@ -205,7 +201,7 @@ func newWrLayout(root *Node, blobs []BlobInfo, opts WriteOptions) (*wrLayout, er
 	if opts.ChunkSize == 0 {
 		opts.ChunkSize = 1 << 20
 	}
-	if cs := opts.ChunkSize; cs&(cs-1) != 0 || cs < 4096 || cs > 16<<20 {
+	if cs := opts.ChunkSize; cs&(cs-1) != 0 || cs < MinChunkSize || cs > MaxChunkSize {
 		return nil, fmt.Errorf("rafs: chunk size %d: want a power of two from 4 KiB to 16 MiB", cs)
 	}
 	if opts.Compressor.Flag() == 0 {
@@ -355,8 +351,8 @@ func (l *wrLayout) prepare(wi *wrInode) error {
 	case ModeDir:
 		// sized once its entries are known
 	case ModeSymlink:
-		if n.Target == "" || len(n.Target) > wrMaxSymlinkLen {
-			return fmt.Errorf("rafs: %q: symlink target must be 1 to %d bytes, got %d", wi.path, wrMaxSymlinkLen, len(n.Target))
+		if n.Target == "" || len(n.Target) > MaxSymlinkSize {
+			return fmt.Errorf("rafs: %q: symlink target must be 1 to %d bytes, got %d", wi.path, MaxSymlinkSize, len(n.Target))
 		}
 		wi.size = uint64(len(n.Target))
 	case ModeRegular:
@@ -736,8 +732,8 @@ func wrCheckName(name string) error {
 	switch {
 	case name == "" || name == "." || name == "..":
 		return fmt.Errorf("invalid name %q", name)
-	case len(name) > wrMaxNameLen:
-		return fmt.Errorf("name is %d bytes, EROFS allows %d", len(name), wrMaxNameLen)
+	case len(name) > MaxNameLen:
+		return fmt.Errorf("name is %d bytes, EROFS allows %d", len(name), MaxNameLen)
 	case strings.ContainsAny(name, "/\x00"):
 		return fmt.Errorf("name contains '/' or NUL")
 	}

@@ -100,7 +100,7 @@ func (o *Options) normalize() error {
 	if o.BlobMode == 0 {
 		o.BlobMode = 0o644
 	}
-	if cs := o.ChunkSize; cs&(cs-1) != 0 || cs < 4096 || cs > 16<<20 {
+	if cs := o.ChunkSize; cs&(cs-1) != 0 || cs < rafs.MinChunkSize || cs > rafs.MaxChunkSize {
 		return fmt.Errorf("build: chunk size %d: want a power of two from 4 KiB to 16 MiB", cs)
 	}
 	if o.Compressor.Flag() == 0 {
