@@ -75,17 +75,13 @@ func (f *imageFS) Open(name string) (fs.File, error) {
 	return df, nil
 }
 
-func (f *imageFS) Stat(name string) (fs.FileInfo, error) {
-	e, err := f.lookup("stat", name)
-	if err != nil {
-		return nil, err
-	}
-	return &fileInfo{name: path.Base(name), e: e}, nil
-}
+func (f *imageFS) Stat(name string) (fs.FileInfo, error) { return f.stat("stat", name) }
 
 // Lstat is Stat: the last element is never followed.
-func (f *imageFS) Lstat(name string) (fs.FileInfo, error) {
-	e, err := f.lookup("lstat", name)
+func (f *imageFS) Lstat(name string) (fs.FileInfo, error) { return f.stat("lstat", name) }
+
+func (f *imageFS) stat(op, name string) (fs.FileInfo, error) {
+	e, err := f.lookup(op, name)
 	if err != nil {
 		return nil, err
 	}
@@ -131,9 +127,8 @@ func (f *imageFS) readDir(e *Entry) ([]fs.DirEntry, error) {
 		if err != nil {
 			return nil, err
 		}
-		if d.Type != FileTypeUnknown && d.Type != child.FileType() {
-			return nil, &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", e.Nid), Field: "file_type", Val: d.Type,
-				Msg: fmt.Sprintf("dirent %q has type %d but inode %d has mode %#o", d.Name, d.Type, d.Nid, child.Mode)}
+		if err := checkDirentType(e, d, child); err != nil {
+			return nil, err
 		}
 		out[i] = fs.FileInfoToDirEntry(&fileInfo{name: d.Name, e: child})
 	}

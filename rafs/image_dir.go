@@ -315,9 +315,8 @@ func (img *Image) walk(path string, depth int, e *Entry, parent uint64, visited 
 		if err != nil {
 			return fmt.Errorf("%s%s: %w", prefix, d.Name, err)
 		}
-		if d.Type != FileTypeUnknown && d.Type != child.FileType() {
-			return &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", e.Nid), Field: "file_type", Val: d.Type,
-				Msg: fmt.Sprintf("dirent %q has type %d but inode %d has mode %#o", d.Name, d.Type, d.Nid, child.Mode)}
+		if err := checkDirentType(e, d, child); err != nil {
+			return err
 		}
 		if err := img.walk(prefix+d.Name, depth+1, child, e.Nid, visited, fn); err != nil {
 			if err == fs.SkipDir {
@@ -325,6 +324,16 @@ func (img *Image) walk(path string, depth int, e *Entry, parent uint64, visited 
 			}
 			return err
 		}
+	}
+	return nil
+}
+
+// checkDirentType fails when dir's entry d names a file type other than
+// that of the inode it points at (child). Unknown types are allowed.
+func checkDirentType(dir *Entry, d DirEntry, child *Entry) error {
+	if d.Type != FileTypeUnknown && d.Type != child.FileType() {
+		return &FormatError{Off: -1, Struct: fmt.Sprintf("inode %d", dir.Nid), Field: "file_type", Val: d.Type,
+			Msg: fmt.Sprintf("dirent %q has type %d but inode %d has mode %#o", d.Name, d.Type, d.Nid, child.Mode)}
 	}
 	return nil
 }
