@@ -87,13 +87,12 @@ func runExport(c *cli.Context) error {
 		if c.Bool("layer") {
 			kind = "layer"
 		}
-		out = filepath.Join(c.String("blob-dir"), img.Rafs.Blobs[len(img.Rafs.Blobs)-1].ID()+"."+kind+".disk")
+		out = filepath.Join(c.String("blob-dir"), blockdev.DiskName(img.Rafs.Blobs[len(img.Rafs.Blobs)-1].ID(), kind))
 	}
 
 	opts := blockdev.ExportOptions{NoSync: c.Bool("no-fsync")}
 	if c.Bool("verity") {
-		p := verity.NydusParams(uint64(img.Size()), int(img.BlockSize()))
-		p.Compat = compat
+		p := blockdev.VerityParams(img.Composed, compat)
 		opts.Verity = &p
 	}
 	update, finish := newProgress(img.Size(), "export")
