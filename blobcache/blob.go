@@ -1,12 +1,13 @@
 package blobcache
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"sort"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -386,7 +387,8 @@ func (b *Blob) group(ids []uint32) [][]uint32 {
 		return nil
 	}
 	u := b.lay.units
-	sort.Slice(ids, func(i, j int) bool { return u[ids[i]].coff < u[ids[j]].coff })
+	// Usually already in order; slices.SortFunc does not allocate.
+	slices.SortFunc(ids, func(a, b uint32) int { return cmp.Compare(u[a].coff, u[b].coff) })
 	var groups [][]uint32
 	start := 0
 	first, end := u[ids[0]].coff, u[ids[0]].coff+uint64(u[ids[0]].csize)

@@ -223,12 +223,12 @@ func describe(dir, id string) Entry {
 		var st unix.Stat_t
 		if unix.Stat(filepath.Join(dir, id+s), &st) == nil {
 			e.DiskUsage += st.Blocks * 512
+			if s == mapSuffix {
+				e.LastUsed = time.Unix(st.Mtim.Unix())
+			}
 		}
 	}
 	mp := filepath.Join(dir, id+mapSuffix)
-	if fi, err := os.Stat(mp); err == nil {
-		e.LastUsed = fi.ModTime()
-	}
 	h, bits, err := readMapFile(mp)
 	if err != nil {
 		e.Err = err
