@@ -128,6 +128,23 @@ func closeKernelEnds(pairs []kernelSocketPair) {
 	}
 }
 
+// handOver makes n socket pairs, gives the kernel's ends to the driver with
+// give (a netlink or ioctl call taking their descriptors), and drops our
+// copies of those ends. On error nothing is left open.
+func handOver(n int, give func(fds []int) error) ([]kernelSocketPair, error) {
+	pairs, err := newKernelSocketPairs(n)
+	if err != nil {
+		return nil, err
+	}
+	err = give(kernelFDs(pairs))
+	closeKernelEnds(pairs)
+	if err != nil {
+		closeKernelSocketPairs(pairs)
+		return nil, err
+	}
+	return pairs, nil
+}
+
 func closeKernelSocketPairs(pairs []kernelSocketPair) {
 	closeKernelEnds(pairs)
 	for i := range pairs {
@@ -310,24 +327,25 @@ func attachNetlink(ctx context.Context, nl *nlClient, dev Device, o *KernelOptio
 	if index, ok := findByBackend(sysBlock, o.BackendID, o.Index); ok {
 		return reattachNetlink(nl, dev, o, index)
 	}
-	pairs, err := newKernelSocketPairs(o.connections())
+	var index int
+	pairs, err := handOver(o.connections(), func(fds []int) (err error) {
+		index, err = nl.connect(nlConnectRequest{
+			Index:           o.Index,
+			SizeBytes:       uint64(dev.Size()),
+			BlockSizeBytes:  uint64(o.blockSize()),
+			TimeoutSeconds:  uint64(o.Timeout / time.Second),
+			DeadConnSeconds: uint64(o.DeadConnTimeout / time.Second),
+			ServerFlags:     uint64(ReadOnlyFlags),
+			BackendID:       o.BackendID,
+			SocketFDs:       fds,
+		})
+		if err != nil {
+			return connectError(err, o.Index)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	index, err := nl.connect(nlConnectRequest{
-		Index:           o.Index,
-		SizeBytes:       uint64(dev.Size()),
-		BlockSizeBytes:  uint64(o.blockSize()),
-		TimeoutSeconds:  uint64(o.Timeout / time.Second),
-		DeadConnSeconds: uint64(o.DeadConnTimeout / time.Second),
-		ServerFlags:     uint64(ReadOnlyFlags),
-		BackendID:       o.BackendID,
-		SocketFDs:       kernelFDs(pairs),
-	})
-	closeKernelEnds(pairs)
-	if err != nil {
-		closeKernelSocketPairs(pairs)
-		return nil, connectError(err, o.Index)
 	}
 	conns, err := serverConns(pairs)
 	if err != nil {
@@ -357,24 +375,24 @@ func reattachNetlink(nl *nlClient, dev Device, o *KernelOptions, index int) (*Ke
 	if have != dev.Size() {
 		return nil, fmt.Errorf("nbd: %s carries backend %q but has %d bytes, and this device %d: refusing to reattach a different image", path, o.BackendID, have, dev.Size())
 	}
-	pairs, err := newKernelSocketPairs(o.connections())
-	if err != nil {
-		return nil, err
-	}
 	// If another server is still alive this also sets the device's timeouts
 	// to ours before its sockets turn out to be taken; they are the values
 	// a restarted server would set anyway.
-	err = nl.reconfigure(nlReconfigureRequest{
-		Index:           index,
-		TimeoutSeconds:  uint64(o.Timeout / time.Second),
-		DeadConnSeconds: uint64(o.DeadConnTimeout / time.Second),
-		BackendID:       o.BackendID,
-		SocketFDs:       kernelFDs(pairs),
+	pairs, err := handOver(o.connections(), func(fds []int) error {
+		err := nl.reconfigure(nlReconfigureRequest{
+			Index:           index,
+			TimeoutSeconds:  uint64(o.Timeout / time.Second),
+			DeadConnSeconds: uint64(o.DeadConnTimeout / time.Second),
+			BackendID:       o.BackendID,
+			SocketFDs:       fds,
+		})
+		if err != nil {
+			return fmt.Errorf("nbd: %s: netlink reconfigure: %w", path, err)
+		}
+		return nil
 	})
-	closeKernelEnds(pairs)
 	if err != nil {
-		closeKernelSocketPairs(pairs)
-		return nil, fmt.Errorf("nbd: %s: netlink reconfigure: %w", path, err)
+		return nil, err
 	}
 	var accepted []kernelSocketPair
 	for _, p := range pairs {
@@ -444,22 +462,23 @@ func attachIoctl(ctx context.Context, dev Device, o *KernelOptions) (*KernelAtta
 
 func attachIoctlAt(ctx context.Context, dev Device, o *KernelOptions, index int) (*KernelAttachment, error) {
 	path := DevicePath(index)
-	pairs, err := newKernelSocketPairs(o.connections())
+	var sess *ioctlSession
+	pairs, err := handOver(o.connections(), func(fds []int) (err error) {
+		sess, err = startIoctlSession(ioctlSetup{
+			path:           path,
+			sizeBytes:      dev.Size(),
+			blockSize:      o.blockSize(),
+			timeoutSeconds: uint64(o.Timeout / time.Second),
+			flags:          uint64(ReadOnlyFlags),
+			socketFDs:      fds,
+		})
+		if err != nil {
+			return fmt.Errorf("nbd: %s: %w", path, err)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	sess, err := startIoctlSession(ioctlSetup{
-		path:           path,
-		sizeBytes:      dev.Size(),
-		blockSize:      o.blockSize(),
-		timeoutSeconds: uint64(o.Timeout / time.Second),
-		flags:          uint64(ReadOnlyFlags),
-		socketFDs:      kernelFDs(pairs),
-	})
-	closeKernelEnds(pairs)
-	if err != nil {
-		closeKernelSocketPairs(pairs)
-		return nil, fmt.Errorf("nbd: %s: %w", path, err)
 	}
 	conns, err := serverConns(pairs)
 	if err != nil {
