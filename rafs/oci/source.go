@@ -420,8 +420,8 @@ func (s *layoutSource) manifest(ctx context.Context, d v1.Hash, limit int64) ([]
 }
 
 func (s *layoutSource) blob(_ context.Context, d v1.Hash) (io.ReadCloser, error) {
-	if d.Algorithm != "sha256" || len(d.Hex) != 64 {
-		return nil, fmt.Errorf("oci: layout %s: unsupported digest %s", s.dir, d)
+	if err := checkDigest(d); err != nil { // it becomes a path under blobs/
+		return nil, fmt.Errorf("oci: layout %s: %w", s.dir, err)
 	}
 	rc, err := s.path.Blob(d)
 	if err != nil {
