@@ -5,6 +5,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -87,7 +89,7 @@ func fakeSysBlock(t *testing.T, devices map[int]map[string]string) string {
 	t.Helper()
 	root := t.TempDir()
 	for index, files := range devices {
-		dir := filepath.Join(root, "nbd"+itoa(index))
+		dir := filepath.Join(root, "nbd"+strconv.Itoa(index))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -104,8 +106,6 @@ func fakeSysBlock(t *testing.T, devices map[int]map[string]string) string {
 	return root
 }
 
-func itoa(n int) string { return DevicePath(n)[len("/dev/nbd"):] }
-
 func TestSysfsLookups(t *testing.T) {
 	// Pids above the kernel's pid_max (2^22) name no thread, so threadGroup
 	// leaves them as they are.
@@ -119,7 +119,7 @@ func TestSysfsLookups(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []int{0, 1, 2, 10}; !equalInts(indexes, want) {
+	if want := []int{0, 1, 2, 10}; !slices.Equal(indexes, want) {
 		t.Errorf("indexes = %v, want %v (numeric order)", indexes, want)
 	}
 	d0 := sysfsDevice{root, 0}
@@ -151,18 +151,6 @@ func TestSysfsLookups(t *testing.T) {
 	if _, ok := findByBackend(root, "", AnyDevice); ok {
 		t.Error("the empty identifier matched")
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestWaitReady(t *testing.T) {
