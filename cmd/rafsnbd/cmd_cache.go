@@ -157,12 +157,19 @@ func shortBytes(n int64) string {
 	if n < 1024 {
 		return fmt.Sprintf("%dB", n)
 	}
-	v, u := float64(n)/1024, 0
+	v, unit := scaleBytes(uint64(n))
+	return fmt.Sprintf("%.1f%s", v, unit)
+}
+
+// scaleBytes expresses n (at least 1024) in the largest binary unit, up to
+// PiB, that leaves at least 1.
+func scaleBytes(n uint64) (float64, string) {
 	units := []string{"KiB", "MiB", "GiB", "TiB", "PiB"}
+	v, u := float64(n)/1024, 0
 	for v >= 1024 && u < len(units)-1 {
 		v, u = v/1024, u+1
 	}
-	return fmt.Sprintf("%.1f%s", v, units[u])
+	return v, units[u]
 }
 
 // parseSize reads a byte count: plain bytes, or with a K, M, G, T suffix

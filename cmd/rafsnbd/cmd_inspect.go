@@ -321,15 +321,11 @@ func humanBytes(n uint64) string {
 	if n < 1024 {
 		return fmt.Sprintf("%d bytes", n)
 	}
-	units := []string{"KiB", "MiB", "GiB", "TiB", "PiB"}
-	v, u := float64(n)/1024, 0
-	for v >= 1024 && u < len(units)-1 {
-		v, u = v/1024, u+1
-	}
+	v, unit := scaleBytes(n)
 	if v == float64(uint64(v)) {
-		return fmt.Sprintf("%d bytes (%d %s)", n, uint64(v), units[u])
+		return fmt.Sprintf("%d bytes (%d %s)", n, uint64(v), unit)
 	}
-	return fmt.Sprintf("%d bytes (%.1f %s)", n, v, units[u])
+	return fmt.Sprintf("%d bytes (%.1f %s)", n, v, unit)
 }
 
 func printInspect(out io.Writer, r *inspectReport) error {
