@@ -8,7 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/rafsnbd/rafsnbd/rafs/oci"
+	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 

@@ -13,7 +13,7 @@ import (
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/rafs"
-	"github.com/rafsnbd/rafsnbd/rafs/oci"
+	"github.com/rafsnbd/rafsnbd/oci"
 )
 
 // imageFlags are the flags that name a RAFS image and where its blob bytes
