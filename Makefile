@@ -8,7 +8,7 @@ FUZZTIME ?= 5m
 all: build
 
 build:
-	$(GO) build -trimpath -o $(BIN) ./cmd/rafsnbd
+	$(GO) build -trimpath -buildvcs=auto -o $(BIN) ./cmd/rafsnbd
 
 # The whole test suite (what CI runs).
 test:

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
@@ -24,10 +24,11 @@ import (
 )
 
 func init() {
-	register(&cli.Command{
-		Name:  "cache",
-		Usage: "list, trim and fill the local blob cache (lazily fetched blob data)",
-		Description: `rafsnbd can read blob data lazily, chunk by chunk, from a blob directory
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:  "cache",
+			Usage: "list, trim and fill the local blob cache (lazily fetched blob data)",
+			Description: `rafsnbd can read blob data lazily, chunk by chunk, from a blob directory
 or an OCI registry, and keep what it read in a cache directory that
 survives restarts: in DIR/blobcache, per blob a sparse file of its
 uncompressed data, a chunk-ready map and the blob's layout. Every chunk is checked against its
@@ -40,56 +41,57 @@ is locked with flock).
       --registry registry.example.com/library/app --all
   rafsnbd cache ls --cache-dir /var/cache/rafsnbd
   rafsnbd cache gc --cache-dir /var/cache/rafsnbd --max-size 20GiB`,
-		Subcommands: []*cli.Command{
-			{
-				Name:  "ls",
-				Usage: "list cached blobs: size, chunks cached, disk usage, last use",
-				Flags: []cli.Flag{
-					cacheDirFlag(),
-					&cli.BoolFlag{Name: "json", Usage: "print a JSON array instead of a table"},
+			Commands: []*cli.Command{
+				{
+					Name:  "ls",
+					Usage: "list cached blobs: size, chunks cached, disk usage, last use",
+					Flags: []cli.Flag{
+						cacheDirFlag(),
+						&cli.BoolFlag{Name: "json", Usage: "print a JSON array instead of a table"},
+					},
+					Action: runCacheLs,
 				},
-				Action: runCacheLs,
-			},
-			{
-				Name:  "gc",
-				Usage: "remove cached blobs: leftovers always, then by age, size or all",
-				Description: `Without options gc only removes leftovers: temporary files of interrupted
+				{
+					Name:  "gc",
+					Usage: "remove cached blobs: leftovers always, then by age, size or all",
+					Description: `Without options gc only removes leftovers: temporary files of interrupted
 writes and blobs whose ready map is unreadable. --older-than removes blobs
 not opened for that long; --max-size then removes the least recently used
 blobs until the cache takes at most that much disk; --all removes every
 blob. The cache must not be in use by another process.`,
-				Flags: []cli.Flag{
-					cacheDirFlag(),
-					&cli.BoolFlag{Name: "all", Usage: "remove every cached blob"},
-					&cli.DurationFlag{Name: "older-than", Usage: "remove blobs last used longer ago than `DURATION` (e.g. 168h)"},
-					&cli.StringFlag{Name: "max-size", Usage: "then evict least recently used blobs down to `SIZE` on disk (e.g. 20GiB, 500M)"},
+					Flags: []cli.Flag{
+						cacheDirFlag(),
+						&cli.BoolFlag{Name: "all", Usage: "remove every cached blob"},
+						&cli.DurationFlag{Name: "older-than", Usage: "remove blobs last used longer ago than `DURATION` (e.g. 168h)"},
+						&cli.StringFlag{Name: "max-size", Usage: "then evict least recently used blobs down to `SIZE` on disk (e.g. 20GiB, 500M)"},
+					},
+					Action: runCacheGC,
 				},
-				Action: runCacheGC,
-			},
-			{
-				Name:      "fetch",
-				Usage:     "fill the cache with an image's data: prefetch table and named files, or --all",
-				ArgsUsage: "[PATH...]",
-				Description: `Fetches, verifies and caches the data of the files named by PATH (a
+				{
+					Name:      "fetch",
+					Usage:     "fill the cache with an image's data: prefetch table and named files, or --all",
+					ArgsUsage: "[PATH...]",
+					Description: `Fetches, verifies and caches the data of the files named by PATH (a
 directory stands for every file below it) and of the bootstrap's prefetch
 table, or of whole blobs with --all (--prefetch-all), so that a later
 serve reads nothing from the network; --prefetch PATH adds to the PATH
 arguments. Blobs come from -D DIR or --registry REPO. Unlike a serve's
 background prefetch, fetch works in the foreground and fails on the first
 error.`,
-				Flags:  append(imageFlags(), prefetchFlags()...),
-				Action: runCacheFetch,
+					Flags:  append(imageFlags(), prefetchFlags()...),
+					Action: runCacheFetch,
+				},
 			},
-		},
+		}
 	})
 }
 
 func cacheDirFlag() cli.Flag {
-	return &cli.StringFlag{Name: "cache-dir", EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "rafsnbd cache `DIR`; blob data lives in DIR/blobcache (created with mode 0750)"}
+	return &cli.StringFlag{Name: "cache-dir", Sources: cli.EnvVars("RAFSNBD_CACHE_DIR"), Usage: "rafsnbd cache `DIR`; blob data lives in DIR/blobcache (created with mode 0750)"}
 }
 
 // cacheDir is the blob cache directory: blobcache/ under --cache-dir.
-func cacheDir(c *cli.Context) (string, error) {
+func cacheDir(c *cli.Command) (string, error) {
 	dir := c.String("cache-dir")
 	if dir == "" {
 		return "", errors.New("no cache directory: give --cache-dir DIR (or set RAFSNBD_CACHE_DIR)")
@@ -97,7 +99,7 @@ func cacheDir(c *cli.Context) (string, error) {
 	return filepath.Join(dir, blobCacheSubdir), nil
 }
 
-func runCacheLs(c *cli.Context) error {
+func runCacheLs(ctx context.Context, c *cli.Command) error {
 	dir, err := cacheDir(c)
 	if err != nil {
 		return err
@@ -124,11 +126,11 @@ func runCacheLs(c *cli.Context) error {
 			}
 			out = append(out, j)
 		}
-		enc := json.NewEncoder(c.App.Writer)
+		enc := json.NewEncoder(c.Root().Writer)
 		enc.SetIndent("", "  ")
 		return enc.Encode(out)
 	}
-	return printCacheList(c.App.Writer, ents)
+	return printCacheList(c.Root().Writer, ents)
 }
 
 func printCacheList(out io.Writer, ents []blobcache.Entry) error {
@@ -191,7 +193,7 @@ func parseSize(s string) (int64, error) {
 	return int64(v * float64(int64(1)<<shift)), nil
 }
 
-func runCacheGC(c *cli.Context) error {
+func runCacheGC(ctx context.Context, c *cli.Command) error {
 	dir, err := cacheDir(c)
 	if err != nil {
 		return err
@@ -214,15 +216,15 @@ func runCacheGC(c *cli.Context) error {
 	var freed int64
 	for _, e := range removed {
 		freed += e.DiskUsage
-		fmt.Fprintf(c.App.Writer, "removed %s (%s)\n", e.ID, shortBytes(e.DiskUsage))
+		fmt.Fprintf(c.Root().Writer, "removed %s (%s)\n", e.ID, shortBytes(e.DiskUsage))
 	}
-	fmt.Fprintf(c.App.Writer, "%d blobs removed, %s freed\n", len(removed), shortBytes(freed))
+	fmt.Fprintf(c.Root().Writer, "%d blobs removed, %s freed\n", len(removed), shortBytes(freed))
 	return err
 }
 
 // openBlobStore returns where blob bytes come from: the OCI repository of
 // --registry, or the directory of -D.
-func openBlobStore(c *cli.Context) (blobcache.Store, error) {
+func openBlobStore(c *cli.Command) (blobcache.Store, error) {
 	dir, repo, err := blobSource(c)
 	if err != nil {
 		return nil, err
@@ -239,7 +241,7 @@ func openBlobStore(c *cli.Context) (blobcache.Store, error) {
 // blobSource says where blob bytes come from: a directory (-D, or
 // --backend localfs:DIR) or an OCI repository (--registry, or --backend
 // registry:REPO).
-func blobSource(c *cli.Context) (dir, repo string, err error) {
+func blobSource(c *cli.Command) (dir, repo string, err error) {
 	dir, repo = c.String("blob-dir"), c.String("registry")
 	if spec := c.String("backend"); spec != "" {
 		if dir != "" || repo != "" {
@@ -405,8 +407,8 @@ func (o *cachedBlobs) prefetch(img *rafs.Image, all bool, paths []string) error 
 	return nil
 }
 
-func runCacheFetch(c *cli.Context) error {
-	log := logger(c)
+func runCacheFetch(ctx context.Context, c *cli.Command) error {
+	log := logger(ctx)
 	dir, err := cacheDir(c)
 	if err != nil {
 		return err
@@ -433,7 +435,7 @@ func runCacheFetch(c *cli.Context) error {
 		return err
 	}
 	if len(ranges) == 0 {
-		fmt.Fprintln(c.App.Writer, "nothing to fetch: the image has no prefetch table and no PATH was given (or use --all)")
+		fmt.Fprintln(c.Root().Writer, "nothing to fetch: the image has no prefetch table and no PATH was given (or use --all)")
 		return nil
 	}
 	cache, err := blobcache.Open(dir, &blobcache.Options{Logger: log})
@@ -457,7 +459,7 @@ func runCacheFetch(c *cli.Context) error {
 			continue
 		}
 		e := &img.Blobs[i]
-		blob, err := cache.OpenBlob(c.Context, store, e, img.ChunkTable)
+		blob, err := cache.OpenBlob(ctx, store, e, img.ChunkTable)
 		if err != nil {
 			return err
 		}
@@ -465,7 +467,7 @@ func runCacheFetch(c *cli.Context) error {
 			// Pieces keep the progress bar moving and cancellation prompt.
 			for off := r.Off; off < r.Off+r.Len; off += 16 << 20 {
 				n := min(16<<20, r.Off+r.Len-off)
-				if err := blob.Fetch(c.Context, off, n); err != nil {
+				if err := blob.Fetch(ctx, off, n); err != nil {
 					blob.Close()
 					return err
 				}
@@ -477,7 +479,7 @@ func runCacheFetch(c *cli.Context) error {
 		if err := blob.Close(); err != nil {
 			return err
 		}
-		fmt.Fprintf(c.App.Writer, "blob %s: %d/%d chunks cached (%s), fetched %s in %d requests\n",
+		fmt.Fprintf(c.Root().Writer, "blob %s: %d/%d chunks cached (%s), fetched %s in %d requests\n",
 			e.ID(), st.ReadyUnits, st.Units, shortBytes(st.ReadyBytes), shortBytes(st.BackendBytes), st.BackendReads)
 	}
 	finish()

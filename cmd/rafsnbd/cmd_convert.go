@@ -1,23 +1,25 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"sync"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "convert",
-		Usage:     "pull an OCI/Docker image and convert it to a RAFS v6 tarfs image (nydus-snapshotter's tarfs flow)",
-		ArgsUsage: "REF",
-		Description: `Pulls every layer of the image REF whole, checks its digest, decompresses it
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "convert",
+			Usage:     "pull an OCI/Docker image and convert it to a RAFS v6 tarfs image (nydus-snapshotter's tarfs flow)",
+			ArgsUsage: "REF",
+			Description: `Pulls every layer of the image REF whole, checks its digest, decompresses it
 (gzip, zstd or none, by media type) into an uncompressed tar whose sha256 must
 be the config's diff_id, indexes the tar as a tarfs layer bootstrap (the tar
 itself is the blob, 512-byte blocks), and merges the layer bootstraps into
@@ -53,25 +55,26 @@ layer. Mount one directly:
 With --verity each disk gets a dm-verity tree (512-byte data blocks, as
 nydus) and the 'dm-verity options: ...' line nydus-image prints is printed.
 Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "cache-dir", Required: true, EnvVars: []string{"RAFSNBD_CACHE_DIR"}, Usage: "`DIR` holding tars, bootstraps and disks (created 0750)"},
-			&cli.StringFlag{Name: "export", Value: "none", Usage: "`MODE` of disk export: none, layer or image"},
-			&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity tree to exported disks and print its options"},
-			&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
-			&cli.IntFlag{Name: "concurrency", Value: oci.DefaultConcurrency, Usage: "layers pulled at once"},
-			&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
-			&cli.DurationFlag{Name: "stall-timeout", Value: oci.DefaultStallTimeout, Usage: "fail a download that waits `DURATION` (such as 30s or 2m) for the registry's next bytes; 0 waits for ever"},
-			&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
-			&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
-		},
-		Action: runConvert,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "cache-dir", Required: true, Sources: cli.EnvVars("RAFSNBD_CACHE_DIR"), Usage: "`DIR` holding tars, bootstraps and disks (created 0750)"},
+				&cli.StringFlag{Name: "export", Value: "none", Usage: "`MODE` of disk export: none, layer or image"},
+				&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity tree to exported disks and print its options"},
+				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
+				&cli.IntFlag{Name: "concurrency", Value: oci.DefaultConcurrency, Usage: "layers pulled at once"},
+				&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+				&cli.DurationFlag{Name: "stall-timeout", Value: oci.DefaultStallTimeout, Usage: "fail a download that waits `DURATION` (such as 30s or 2m) for the registry's next bytes; 0 waits for ever"},
+				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
+				&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
+			},
+			Action: runConvert,
+		}
 	})
 }
 
-func runConvert(c *cli.Context) error {
-	log := logger(c)
+func runConvert(ctx context.Context, c *cli.Command) error {
+	log := logger(ctx)
 	if c.NArg() != 1 {
-		return fmt.Errorf("convert takes one image reference, got %d arguments", c.NArg())
+		return usagef(c, "want one image reference, got %d arguments", c.NArg())
 	}
 	mode, err := oci.ParseExportMode(c.String("export"))
 	if err != nil {
@@ -97,7 +100,7 @@ func runConvert(c *cli.Context) error {
 	if stallTimeout == 0 {
 		stallTimeout = -1 // the flag's 0 means no limit; Options' means the default
 	}
-	res, err := oci.Convert(c.Context, c.Args().First(), oci.Options{
+	res, err := oci.Convert(ctx, c.Args().First(), oci.Options{
 		CacheDir:     c.String("cache-dir"),
 		Export:       mode,
 		Verity:       c.Bool("verity"),
@@ -128,7 +131,7 @@ func runConvert(c *cli.Context) error {
 		log.Info().Str("disk", ex.Path).Str("kind", ex.Kind).Int64("bytes", ex.Size).Bool("reused", ex.Reused).Dur("took", ex.Took).Msg("exported")
 	}
 
-	out := c.App.Writer
+	out := c.Root().Writer
 	if c.Bool("json") {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")

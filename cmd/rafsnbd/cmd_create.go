@@ -11,7 +11,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -19,11 +19,12 @@ import (
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "create",
-		Usage:     "build a RAFS v6 image (bootstrap + blobs) from a directory or a tar",
-		ArgsUsage: "SOURCE",
-		Description: `Builds a RAFS v6 image from SOURCE: a directory, a tar file, or - (a tar on
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "create",
+			Usage:     "build a RAFS v6 image (bootstrap + blobs) from a directory or a tar",
+			ArgsUsage: "SOURCE",
+			Description: `Builds a RAFS v6 image from SOURCE: a directory, a tar file, or - (a tar on
 standard input).
 
   rafsnbd create -B image.boot -D blobs/ rootfs/
@@ -47,22 +48,23 @@ bootstrap and every blob with its size. Then, for example:
 
   rafsnbd export -B image.boot -D blobs/ -o image.disk
   mount -t erofs -o loop,ro image.disk /mnt`,
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Required: true, Usage: "bootstrap `FILE` to write"},
-			&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Required: true, Usage: "`DIR` to write blobs into (created if missing)"},
-			&cli.StringFlag{Name: "type", Usage: "`TYPE` of image: dir or tarfs (default: dir for a directory, tarfs for a tar)"},
-			&cli.StringFlag{Name: "compressor", Value: "zstd", Usage: "chunk `ALGORITHM` in dir mode: zstd, lz4_block, gzip or none"},
-			&cli.StringFlag{Name: "digester", Value: "blake3", Usage: "chunk digest `ALGORITHM` in dir mode: blake3 or sha256"},
-			&cli.StringFlag{Name: "chunk-size", Value: "1M", Usage: "chunk `SIZE`: a power of two from 4K to 16M (bytes, or with K/M suffix, or 0x hex)"},
-			&cli.StringFlag{Name: "blob-id", Usage: "tarfs: name the tar blob `ID` (e.g. its layer digest, sha256:...) instead of hashing it"},
-			&cli.IntFlag{Name: "workers", Usage: "`N` goroutines compressing chunks (default: number of CPUs)"},
-		},
-		Action: runCreate,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Required: true, Usage: "bootstrap `FILE` to write"},
+				&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Required: true, Usage: "`DIR` to write blobs into (created if missing)"},
+				&cli.StringFlag{Name: "type", Usage: "`TYPE` of image: dir or tarfs (default: dir for a directory, tarfs for a tar)"},
+				&cli.StringFlag{Name: "compressor", Value: "zstd", Usage: "chunk `ALGORITHM` in dir mode: zstd, lz4_block, gzip or none"},
+				&cli.StringFlag{Name: "digester", Value: "blake3", Usage: "chunk digest `ALGORITHM` in dir mode: blake3 or sha256"},
+				&cli.StringFlag{Name: "chunk-size", Value: "1M", Usage: "chunk `SIZE`: a power of two from 4K to 16M (bytes, or with K/M suffix, or 0x hex)"},
+				&cli.StringFlag{Name: "blob-id", Usage: "tarfs: name the tar blob `ID` (e.g. its layer digest, sha256:...) instead of hashing it"},
+				&cli.IntFlag{Name: "workers", Usage: "`N` goroutines compressing chunks (default: number of CPUs)"},
+			},
+			Action: runCreate,
+		}
 	})
 }
 
-func runCreate(c *cli.Context) error {
-	log := logger(c)
+func runCreate(ctx context.Context, c *cli.Command) error {
+	log := logger(ctx)
 	if c.NArg() != 1 {
 		return errors.New("give exactly one SOURCE: a directory, a tar file, or - for a tar on stdin")
 	}
@@ -120,9 +122,9 @@ func runCreate(c *cli.Context) error {
 	log.Debug().Str("source", src).Stringer("type", typ).Msg("building")
 	var res *build.Result
 	if typ == build.TypeDir {
-		res, err = build.FromDir(c.Context, src, bw, opts)
+		res, err = build.FromDir(ctx, src, bw, opts)
 	} else {
-		res, err = createFromTar(c.Context, src, bw, opts)
+		res, err = createFromTar(ctx, src, bw, opts)
 	}
 	if err == nil {
 		err = bw.Flush()
@@ -140,13 +142,13 @@ func runCreate(c *cli.Context) error {
 		return err
 	}
 
-	fmt.Fprintf(c.App.Writer, "bootstrap %s: %d bytes, %d inodes\n", bootPath, res.Bootstrap.Size, res.Bootstrap.Inodes)
+	fmt.Fprintf(c.Root().Writer, "bootstrap %s: %d bytes, %d inodes\n", bootPath, res.Bootstrap.Size, res.Bootstrap.Inodes)
 	for _, b := range res.Blobs {
 		how := ""
 		if b.Placed != "" {
 			how = ", " + b.Placed
 		}
-		fmt.Fprintf(c.App.Writer, "blob %s: %d bytes, %d uncompressed, %d chunks%s\n", b.ID, b.Size, b.UncompressedSize, b.Chunks, how)
+		fmt.Fprintf(c.Root().Writer, "blob %s: %d bytes, %d uncompressed, %d chunks%s\n", b.ID, b.Size, b.UncompressedSize, b.Chunks, how)
 	}
 	return nil
 }

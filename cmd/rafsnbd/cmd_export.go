@@ -1,24 +1,26 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
 	"strconv"
 	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "export",
-		Usage:     "write an image's flat EROFS block device to a disk file, optionally with a dm-verity tree",
-		ArgsUsage: " ",
-		Description: `Composes the image (the bootstrap's blocks, then each blob's uncompressed
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "export",
+			Usage:     "write an image's flat EROFS block device to a disk file, optionally with a dm-verity tree",
+			ArgsUsage: " ",
+			Description: `Composes the image (the bootstrap's blocks, then each blob's uncompressed
 space at its mapped_blkaddr, zeros between) and writes it to a disk file that
 the kernel mounts directly:
 
@@ -47,19 +49,20 @@ output with nydus-image export --block --verity.
 Without -o the disk is written beside the blobs in -D as <blob id>.image.disk
 (the last blob's id, as nydus-snapshotter names image disks) or, with
 --layer, <blob id>.layer.disk. With --image or --registry, give -o.`,
-		Flags: append(imageFlags(),
-			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "disk `FILE` to write"},
-			&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity hash tree and print its options"},
-			&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
-			&cli.BoolFlag{Name: "layer", Usage: "name the default output as a layer disk (<blob id>.layer.disk)"},
-			&cli.BoolFlag{Name: "no-fsync", Usage: "do not wait for the disk file to reach the disk (faster; a crash soon after may lose it)"},
-		),
-		Action: runExport,
+			Flags: append(imageFlags(),
+				&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "disk `FILE` to write"},
+				&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity hash tree and print its options"},
+				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
+				&cli.BoolFlag{Name: "layer", Usage: "name the default output as a layer disk (<blob id>.layer.disk)"},
+				&cli.BoolFlag{Name: "no-fsync", Usage: "do not wait for the disk file to reach the disk (faster; a crash soon after may lose it)"},
+			),
+			Action: runExport,
+		}
 	})
 }
 
-func runExport(c *cli.Context) error {
-	log := logger(c)
+func runExport(ctx context.Context, c *cli.Command) error {
+	log := logger(ctx)
 	compat, err := verity.ParseCompat(c.String("verity-compat"))
 	if err != nil {
 		return err
@@ -73,7 +76,7 @@ func runExport(c *cli.Context) error {
 		// write beside, and the current directory would be a surprise.
 		return errors.New("the blobs are not in a -D directory to write the disk beside: give -o FILE (a converted image's disk is also kept by 'rafsnbd convert --export image')")
 	}
-	img, err := openImage(c, false)
+	img, err := openImage(ctx, c, false)
 	if err != nil {
 		return err
 	}
@@ -98,7 +101,7 @@ func runExport(c *cli.Context) error {
 	update, finish := newProgress(img.Size(), "export")
 	opts.Progress = update
 	start := time.Now()
-	res, err := blockdev.Export(c.Context, img, out, opts)
+	res, err := blockdev.Export(ctx, img, out, opts)
 	finish()
 	if err != nil {
 		return err
@@ -108,9 +111,9 @@ func runExport(c *cli.Context) error {
 		Uint32("block_size", img.BlockSize()).Dur("took", elapsed).
 		Str("rate", rate(img.Size(), elapsed)).Msg("exported")
 	if res.Tree != nil {
-		fmt.Fprintln(c.App.Writer, res.Tree.Options())
+		fmt.Fprintln(c.Root().Writer, res.Tree.Options())
 	} else {
-		fmt.Fprintf(c.App.Writer, "%s: %d bytes, %d blocks of %d\n", out, res.Size, img.Size()/int64(img.BlockSize()), img.BlockSize())
+		fmt.Fprintf(c.Root().Writer, "%s: %d bytes, %d blocks of %d\n", out, res.Size, img.Size()/int64(img.BlockSize()), img.BlockSize())
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"strings"
 	"testing"
 )
@@ -14,7 +15,7 @@ func runCmd(t *testing.T, command string, args ...string) (string, error) {
 	app := newApp()
 	app.Writer = &out
 	app.ErrWriter = &out
-	err := app.Run(append([]string{"rafsnbd", command}, args...))
+	err := app.Run(context.Background(), append([]string{"rafsnbd", command}, args...))
 	return out.String(), err
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -10,17 +11,18 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "inspect",
-		Usage:     "show what a RAFS v6 bootstrap holds: superblocks, blobs, inode counts, optionally the file tree",
-		ArgsUsage: "BOOTSTRAP",
-		Description: `Parses and validates a RAFS v6 bootstrap (the metadata of a Nydus image or
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "inspect",
+			Usage:     "show what a RAFS v6 bootstrap holds: superblocks, blobs, inode counts, optionally the file tree",
+			ArgsUsage: "BOOTSTRAP",
+			Description: `Parses and validates a RAFS v6 bootstrap (the metadata of a Nydus image or
 layer) and prints:
 
   - the EROFS superblock and the RAFS extended superblock, flags by name;
@@ -41,17 +43,18 @@ The whole tree is validated on the way (names, directory order, chunk
 indexes against the blob table), so inspect also serves as a quick fsck of
 the metadata: it exits non-zero, naming the structure, field and byte
 offset, on the first violation. Blob data is not read.`,
-		Flags: []cli.Flag{
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
-			&cli.BoolFlag{Name: "tree", Usage: "also list every path (mode, uid:gid, size or major,minor, mtime, link target)"},
-		},
-		Action: runInspect,
+			Flags: []cli.Flag{
+				&cli.BoolFlag{Name: "json", Usage: "print one JSON object instead of text"},
+				&cli.BoolFlag{Name: "tree", Usage: "also list every path (mode, uid:gid, size or major,minor, mtime, link target)"},
+			},
+			Action: runInspect,
+		}
 	})
 }
 
-func runInspect(c *cli.Context) error {
+func runInspect(ctx context.Context, c *cli.Command) error {
 	if c.NArg() != 1 {
-		return fmt.Errorf("inspect takes exactly one BOOTSTRAP argument, got %d", c.NArg())
+		return usagef(c, "want one BOOTSTRAP argument, got %d", c.NArg())
 	}
 	name := c.Args().First()
 	img, err := rafs.Open(name)
@@ -64,11 +67,11 @@ func runInspect(c *cli.Context) error {
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	if c.Bool("json") {
-		enc := json.NewEncoder(c.App.Writer)
+		enc := json.NewEncoder(c.Root().Writer)
 		enc.SetIndent("", "  ")
 		return enc.Encode(report)
 	}
-	return printInspect(c.App.Writer, report)
+	return printInspect(c.Root().Writer, report)
 }
 
 // inspectReport is the --json output; its field names are a stable

@@ -9,17 +9,18 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/nbd"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "nbd",
-		Usage:     "attach an image to the kernel as /dev/nbdN and serve it until interrupted",
-		ArgsUsage: " ",
-		Description: `Attaches a read-only device to the kernel's NBD driver and serves it from
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "nbd",
+			Usage:     "attach an image to the kernel as /dev/nbdN and serve it until interrupted",
+			ArgsUsage: " ",
+			Description: `Attaches a read-only device to the kernel's NBD driver and serves it from
 this process over local sockets; no network is involved. Once the device is
 ready its path (/dev/nbdN) is printed on stdout, one line, so a script can
 wait for it and mount:
@@ -44,33 +45,34 @@ died are sent again after --timeout, or within 30 s when it is 0.
 
 Several --connections give the device that many queues, served in parallel.
 
-Subcommands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
+Commands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
 /dev/nbdN' detaches one, whoever serves it.`,
-		Flags: append(append(imageFlags(), prefetchFlags()...),
-			&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes (instead of -B/-D)"},
-			&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
-			&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},
-			&cli.IntFlag{Name: "timeout", Value: 0, Usage: "per-request timeout in `SECONDS`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"},
-			&cli.IntFlag{Name: "dead-conn-timeout", Value: 120, Usage: "netlink: `SECONDS` reads wait for a restarted server when every connection is dead, instead of failing"},
-			&cli.BoolFlag{Name: "ioctl", Usage: "use the legacy ioctl interface instead of generic netlink (no restart without unmounting)"},
-			&cli.StringFlag{Name: "backend-id", Usage: "netlink backend identifier `ID` tagging the device; default: derived from the image"},
-			&cli.IntFlag{Name: "block-size", Usage: "logical block size in `BYTES` (512..65536, a power of two); default: the EROFS image's block size, 4096 if none"},
-		),
-		Action: runNBD,
-		Subcommands: []*cli.Command{
-			{
-				Name:      "status",
-				Usage:     "list the kernel's NBD devices with their size, server pid and backend identifier",
-				ArgsUsage: " ",
-				Action:    runNBDStatus,
+			Flags: append(append(imageFlags(), prefetchFlags()...),
+				&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes (instead of -B/-D)"},
+				&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
+				&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},
+				&cli.IntFlag{Name: "timeout", Value: 0, Usage: "per-request timeout in `SECONDS`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"},
+				&cli.IntFlag{Name: "dead-conn-timeout", Value: 120, Usage: "netlink: `SECONDS` reads wait for a restarted server when every connection is dead, instead of failing"},
+				&cli.BoolFlag{Name: "ioctl", Usage: "use the legacy ioctl interface instead of generic netlink (no restart without unmounting)"},
+				&cli.StringFlag{Name: "backend-id", Usage: "netlink backend identifier `ID` tagging the device; default: derived from the image"},
+				&cli.IntFlag{Name: "block-size", Usage: "logical block size in `BYTES` (512..65536, a power of two); default: the EROFS image's block size, 4096 if none"},
+			),
+			Action: runNBD,
+			Commands: []*cli.Command{
+				{
+					Name:      "status",
+					Usage:     "list the kernel's NBD devices with their size, server pid and backend identifier",
+					ArgsUsage: " ",
+					Action:    runNBDStatus,
+				},
+				{
+					Name:      "disconnect",
+					Usage:     "detach /dev/nbdN, whoever serves it (unmount first)",
+					ArgsUsage: "/dev/nbdN",
+					Action:    runNBDDisconnect,
+				},
 			},
-			{
-				Name:      "disconnect",
-				Usage:     "detach /dev/nbdN, whoever serves it (unmount first)",
-				ArgsUsage: "/dev/nbdN",
-				Action:    runNBDDisconnect,
-			},
-		},
+		}
 	})
 }
 
@@ -91,13 +93,13 @@ type nbdSource struct {
 // openNBDSource builds the device to serve from the command's flags. It is
 // the one place that knows where devices come from: an image's bootstrap
 // and blobs composed by package blockdev, or a flat disk file.
-func openNBDSource(c *cli.Context) (*nbdSource, error) {
+func openNBDSource(ctx context.Context, c *cli.Command) (*nbdSource, error) {
 	path := c.String("disk")
 	switch {
 	case haveImage(c) && path != "":
 		return nil, errors.New("give either -B/-D or --disk, not both")
 	case haveImage(c):
-		return openImageSource(c)
+		return openImageSource(ctx, c)
 	case path == "":
 		return nil, errors.New("nothing to serve: give -B BOOTSTRAP -D BLOBDIR, or --disk FILE")
 	}
@@ -107,12 +109,12 @@ func openNBDSource(c *cli.Context) (*nbdSource, error) {
 // openImageSource composes the image named by -B/-D or --image. The
 // backend id names the bootstrap's absolute path or the image reference, so
 // a restarted server finds its device.
-func openImageSource(c *cli.Context) (*nbdSource, error) {
+func openImageSource(ctx context.Context, c *cli.Command) (*nbdSource, error) {
 	id, _, err := flagSource(c).identity()
 	if err != nil {
 		return nil, err
 	}
-	img, err := openImage(c, true)
+	img, err := openImage(ctx, c, true)
 	if err != nil {
 		return nil, err
 	}
@@ -143,16 +145,16 @@ func openDiskSource(path string) (*nbdSource, error) {
 	}, nil
 }
 
-func runNBD(c *cli.Context) error {
+func runNBD(ctx context.Context, c *cli.Command) error {
 	if c.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q (subcommands: status, disconnect)", c.Args().First())
+		return usagef(c, "unexpected argument %q (subcommands: status, disconnect)", c.Args().First())
 	}
-	log := logger(c)
+	log := logger(ctx)
 	index, err := nbd.ParseDevice(c.String("device"))
 	if err != nil {
 		return fmt.Errorf("--device: %w", err)
 	}
-	src, err := openNBDSource(c)
+	src, err := openNBDSource(ctx, c)
 	if err != nil {
 		return err
 	}
@@ -169,7 +171,7 @@ func runNBD(c *cli.Context) error {
 	if c.Int("timeout") < 0 || c.Int("dead-conn-timeout") < 0 {
 		return errors.New("--timeout and --dead-conn-timeout must not be negative")
 	}
-	att, err := nbd.AttachKernel(c.Context, src.device, nbd.KernelOptions{
+	att, err := nbd.AttachKernel(ctx, src.device, nbd.KernelOptions{
 		Index:           index,
 		Connections:     c.Int("connections"),
 		BlockSize:       blockSize,
@@ -186,10 +188,10 @@ func runNBD(c *cli.Context) error {
 	log.Info().Str("device", att.Path).Str("method", att.Method).Int("connections", att.Connections).
 		Bool("reattached", att.Reattached).Str("source", src.describe).Str("backend", backendID).
 		Int64("size", src.device.Size()).Msg("serving")
-	fmt.Fprintln(c.App.Writer, att.Path)
+	fmt.Fprintln(c.Root().Writer, att.Path)
 
 	select {
-	case <-c.Context.Done():
+	case <-ctx.Done():
 		log.Info().Str("device", att.Path).Msg("disconnecting")
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -207,12 +209,12 @@ func runNBD(c *cli.Context) error {
 	}
 }
 
-func runNBDStatus(c *cli.Context) error {
+func runNBDStatus(ctx context.Context, c *cli.Command) error {
 	devices, err := nbd.KernelStatus()
 	if err != nil {
 		return err
 	}
-	w := tabwriter.NewWriter(c.App.Writer, 0, 8, 2, ' ', 0)
+	w := tabwriter.NewWriter(c.Root().Writer, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(w, "DEVICE\tCONNECTED\tSIZE\tPID\tBACKEND")
 	for _, d := range devices {
 		connected := "no"
@@ -232,7 +234,7 @@ func runNBDStatus(c *cli.Context) error {
 	return w.Flush()
 }
 
-func runNBDDisconnect(c *cli.Context) error {
+func runNBDDisconnect(ctx context.Context, c *cli.Command) error {
 	if c.NArg() != 1 {
 		return errors.New("usage: rafsnbd nbd disconnect /dev/nbdN")
 	}

@@ -12,17 +12,18 @@ import (
 	"strings"
 	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/nbd"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:      "serve",
-		Usage:     "serve disks read-only to NBD network clients (qemu, nbdinfo, nbdcopy, nbdfuse, nbd-client)",
-		ArgsUsage: " ",
-		Description: `Serves images composed from their bootstraps and blobs (-B, repeatable, with
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "serve",
+			Usage:     "serve disks read-only to NBD network clients (qemu, nbdinfo, nbdcopy, nbdfuse, nbd-client)",
+			ArgsUsage: " ",
+			Description: `Serves images composed from their bootstraps and blobs (-B, repeatable, with
 blobs from -D, or lazily through --cache-dir from -D or --registry), images
 converted by 'rafsnbd convert' (--image REF --cache-dir DIR, repeatable), and
 flat disk files (EROFS images such as 'rafsnbd export' writes), as named,
@@ -45,20 +46,21 @@ NBD has no authentication or encryption here, so by default only a unix
 socket or a loopback address is accepted; binding any other address needs
 --allow-remote. SIGINT or SIGTERM stops accepting, lets every client's
 in-flight reads finish, and exits 0.`,
-		Flags: append(append(multiImageFlags(), prefetchFlags()...),
-			&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
-			&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
-			&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: each -B image's, each --image's, then each --disk's (repeatable)"},
-			&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
-			&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
-			&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a pprof CPU profile of the whole run to `FILE` (for scripts/bench-nbd.sh)"},
-		),
-		Action: runServe,
+			Flags: append(append(multiImageFlags(), prefetchFlags()...),
+				&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
+				&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
+				&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: each -B image's, each --image's, then each --disk's (repeatable)"},
+				&cli.BoolFlag{Name: "allow-remote", Usage: "allow listening on a non-loopback address (anyone who can connect can read every export)"},
+				&cli.IntFlag{Name: "handlers", Usage: "concurrent device reads per connection, `N`; 0 = 4×CPUs"},
+				&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a pprof CPU profile of the whole run to `FILE` (for scripts/bench-nbd.sh)"},
+			),
+			Action: runServe,
+		}
 	})
 }
 
-func runServe(c *cli.Context) error {
-	log := logger(c)
+func runServe(ctx context.Context, c *cli.Command) error {
+	log := logger(ctx)
 	if path := c.String("cpuprofile"); path != "" {
 		f, err := os.Create(path)
 		if err != nil {
@@ -75,7 +77,7 @@ func runServe(c *cli.Context) error {
 			}
 		}()
 	}
-	exports, closeExports, err := serveExports(c)
+	exports, closeExports, err := serveExports(ctx, c)
 	if err != nil {
 		return err
 	}
@@ -85,7 +87,7 @@ func runServe(c *cli.Context) error {
 		}
 	}()
 
-	network, address, err := parseListen(c.Context, c.String("listen"), c.Bool("allow-remote"))
+	network, address, err := parseListen(ctx, c.String("listen"), c.Bool("allow-remote"))
 	if err != nil {
 		return err
 	}
@@ -94,7 +96,7 @@ func runServe(c *cli.Context) error {
 		return err
 	}
 	for _, e := range exports {
-		fmt.Fprintln(c.App.Writer, exportURI(l.Addr(), e.Name))
+		fmt.Fprintln(c.Root().Writer, exportURI(l.Addr(), e.Name))
 		log.Info().Str("export", e.Name).Int64("size", e.Device.Size()).Str("uri", exportURI(l.Addr(), e.Name)).Msg("serving")
 	}
 	srv := &nbd.Server{
@@ -102,7 +104,7 @@ func runServe(c *cli.Context) error {
 		Logger:       log,
 		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers"), DeviceMayStall: lazyBlobs(c)},
 	}
-	if err := srv.Serve(c.Context, l); err != nil {
+	if err := srv.Serve(ctx, l); err != nil {
 		return err
 	}
 	log.Info().Msg("stopped")
@@ -113,7 +115,7 @@ func runServe(c *cli.Context) error {
 // closes them. It is the one place that knows where exports come from: an
 // image composed from its bootstrap and blobs (-B/-D, first), then flat
 // disk files (--disk). --name flags name them in that order.
-func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
+func serveExports(ctx context.Context, c *cli.Command) ([]nbd.Export, func() error, error) {
 	var exports []nbd.Export
 	var closers []func() error
 	closeAll := func() error {
@@ -138,7 +140,7 @@ func serveExports(c *cli.Context) ([]nbd.Export, func() error, error) {
 		images = append(images, imageSource{ref: r})
 	}
 	if len(images) > 0 {
-		opener := &imageOpener{c: c}
+		opener := &imageOpener{ctx: ctx, c: c}
 		closers = append(closers, opener.Close) // closed last: closeAll runs backwards
 		for _, src := range images {
 			img, err := opener.open(src, true)

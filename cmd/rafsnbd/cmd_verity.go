@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -8,16 +9,17 @@ import (
 	"os"
 	"strings"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
 func init() {
-	register(&cli.Command{
-		Name:  "verity",
-		Usage: "build or check a dm-verity hash tree for a disk file (veritysetup format 1, no superblock)",
-		Description: `Computes the same hash trees as 'veritysetup format --no-superblock --format=1',
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:  "verity",
+			Usage: "build or check a dm-verity hash tree for a disk file (veritysetup format 1, no superblock)",
+			Description: `Computes the same hash trees as 'veritysetup format --no-superblock --format=1',
 on all cores and reading the data once; or nydus' variant of them (--compat nydus).
 
 The tree goes after the data in DATA itself, at the next hash-block boundary
@@ -32,36 +34,37 @@ root hash and the options line nydus prints are written to stdout:
 
 The kernel accepts both fillings of unused digest slots; 'veritysetup verify'
 only accepts the standard one (zeros).`,
-		Subcommands: []*cli.Command{
-			{
-				Name:      "format",
-				Usage:     "compute the tree of DATA and write it after the data or to HASHFILE",
-				ArgsUsage: "DATA [HASHFILE]",
-				Description: `DATA is a file or block device; all of it is covered unless --data-blocks
+			Commands: []*cli.Command{
+				{
+					Name:      "format",
+					Usage:     "compute the tree of DATA and write it after the data or to HASHFILE",
+					ArgsUsage: "DATA [HASHFILE]",
+					Description: `DATA is a file or block device; all of it is covered unless --data-blocks
 says otherwise, so its size must be a multiple of --data-block-size. Do not
 run this twice on a DATA that already holds an appended tree without
 --data-blocks: the old tree would count as data.
 
 HASHFILE is created if missing and is not truncated; the tree is written at
 --hash-offset (default 0 in HASHFILE, the end of the data in DATA).`,
-				Flags:  verityFlags(),
-				Action: runVerityFormat,
-			},
-			{
-				Name:      "verify",
-				Usage:     "check DATA and its tree (after the data, or in HASHFILE) against ROOT",
-				ArgsUsage: "DATA [HASHFILE] ROOT",
-				Description: `Exits non-zero and names the first bad block (as veritysetup verify does:
+					Flags:  verityFlags(),
+					Action: runVerityFormat,
+				},
+				{
+					Name:      "verify",
+					Usage:     "check DATA and its tree (after the data, or in HASHFILE) against ROOT",
+					ArgsUsage: "DATA [HASHFILE] ROOT",
+					Description: `Exits non-zero and names the first bad block (as veritysetup verify does:
 data blocks first, then each level of the tree, then the root) when the
 data or the tree do not match ROOT.
 
 With the tree appended to DATA, --data-blocks is required: the file's size
 alone does not say where the data ends. The other options must be those
 given to format.`,
-				Flags:  verityFlags(),
-				Action: runVerityVerify,
+					Flags:  verityFlags(),
+					Action: runVerityVerify,
+				},
 			},
-		},
+		}
 	})
 }
 
@@ -79,7 +82,7 @@ func verityFlags() []cli.Flag {
 
 // verityParams builds the tree parameters from the flags for data of
 // dataBytes bytes, with the tree appended to the data or in its own file.
-func verityParams(c *cli.Context, dataBytes int64, appended bool) (verity.Params, error) {
+func verityParams(c *cli.Command, dataBytes int64, appended bool) (verity.Params, error) {
 	p := verity.Params{
 		Algorithm:     c.String("hash"),
 		DataBlockSize: c.Int("data-block-size"),
@@ -132,7 +135,7 @@ func deviceSize(f *os.File) (int64, error) {
 // openVerityFiles opens the data and the hash file (the same file when the
 // tree is appended; the hash file is created when writing) and works out
 // the tree's parameters from the flags and the data size.
-func openVerityFiles(c *cli.Context, dataPath, hashPath string, appended, write bool) (data, hash *os.File, p verity.Params, closeFiles func(), err error) {
+func openVerityFiles(c *cli.Command, dataPath, hashPath string, appended, write bool) (data, hash *os.File, p verity.Params, closeFiles func(), err error) {
 	dataFlag := os.O_RDONLY
 	if appended && write {
 		dataFlag = os.O_RDWR
@@ -168,10 +171,10 @@ func openVerityFiles(c *cli.Context, dataPath, hashPath string, appended, write 
 	return data, hash, p, closeFiles, nil
 }
 
-func runVerityFormat(c *cli.Context) error {
+func runVerityFormat(ctx context.Context, c *cli.Command) error {
 	args := c.Args().Slice()
 	if len(args) < 1 || len(args) > 2 {
-		return fmt.Errorf("verity format: want DATA [HASHFILE], got %d arguments", len(args))
+		return usagef(c, "want DATA [HASHFILE], got %d arguments", len(args))
 	}
 	appended := len(args) == 1
 	data, out, p, closeFiles, err := openVerityFiles(c, args[0], args[len(args)-1], appended, true)
@@ -179,12 +182,12 @@ func runVerityFormat(c *cli.Context) error {
 		return err
 	}
 	defer closeFiles()
-	log := logger(c)
+	log := logger(ctx)
 	log.Debug().Str("data", args[0]).Uint64("blocks", p.DataBlocks).Int("block_size", p.DataBlockSize).
 		Uint64("hash_offset", p.HashOffset).Uint64("tree_bytes", p.TreeSize()).Msg("building dm-verity tree")
 
 	update, finish := newProgress(int64(p.DataSize()), "hashing")
-	tree, err := verity.Build(c.Context, data, p, out, verity.WithProgress(update))
+	tree, err := verity.Build(ctx, data, p, out, verity.WithProgress(update))
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity format %s: %w", args[0], err)
@@ -195,7 +198,7 @@ func runVerityFormat(c *cli.Context) error {
 	if err := out.Close(); err != nil {
 		return fmt.Errorf("verity format: %w", err)
 	}
-	printTree(c.App.Writer, tree)
+	printTree(c.Root().Writer, tree)
 	log.Info().Msgf("check with: rafsnbd verity verify %s %s %s", verityFlagArgs(p, appended), strings.Join(args, " "), tree.RootHex())
 	if p.Compat == verity.Standard {
 		log.Info().Msgf("or: veritysetup verify %s %s %s %s", strings.Join(p.VeritysetupArgs(), " "), args[0], args[len(args)-1], tree.RootHex())
@@ -238,10 +241,10 @@ func printTree(w io.Writer, t *verity.Tree) {
 	fmt.Fprintln(w, t.Options())
 }
 
-func runVerityVerify(c *cli.Context) error {
+func runVerityVerify(ctx context.Context, c *cli.Command) error {
 	args := c.Args().Slice()
 	if len(args) < 2 || len(args) > 3 {
-		return fmt.Errorf("verity verify: want DATA [HASHFILE] ROOT, got %d arguments", len(args))
+		return usagef(c, "want DATA [HASHFILE] ROOT, got %d arguments", len(args))
 	}
 	appended := len(args) == 2
 	root, err := hex.DecodeString(args[len(args)-1])
@@ -257,11 +260,11 @@ func runVerityVerify(c *cli.Context) error {
 	}
 	defer closeFiles()
 	update, finish := newProgress(int64(p.DataSize()), "verifying")
-	err = verity.Verify(c.Context, data, hashFile, p, root, verity.WithProgress(update))
+	err = verity.Verify(ctx, data, hashFile, p, root, verity.WithProgress(update))
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity verify %s: %w", args[0], err)
 	}
-	fmt.Fprintf(c.App.Writer, "Verified %d data blocks and %d hash blocks against root hash %x.\n", p.DataBlocks, p.HashBlocks(), root)
+	fmt.Fprintf(c.Root().Writer, "Verified %d data blocks and %d hash blocks against root hash %x.\n", p.DataBlocks, p.HashBlocks(), root)
 	return nil
 }

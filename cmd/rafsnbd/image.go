@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -8,12 +9,12 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/urfave/cli/v2"
+	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blockdev"
-	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/oci"
+	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 // imageFlags are the flags that name a RAFS image and where its blob bytes
@@ -36,7 +37,7 @@ type imageSource struct {
 }
 
 // flagSource is the image of a command that composes one.
-func flagSource(c *cli.Context) imageSource {
+func flagSource(c *cli.Command) imageSource {
 	return imageSource{bootstrap: c.String("bootstrap"), ref: c.String("image")}
 }
 
@@ -60,7 +61,7 @@ func (s imageSource) identity() (id, short string, err error) {
 
 // lazyBlobs reports whether blob bytes come through the lazy cache, so that
 // a read may wait for a fetch from the network.
-func lazyBlobs(c *cli.Context) bool {
+func lazyBlobs(c *cli.Command) bool {
 	return c.IsSet("bootstrap") && c.String("cache-dir") != ""
 }
 
@@ -80,15 +81,15 @@ func multiImageFlags() []cli.Flag {
 }
 
 // haveImage reports whether the image flags were given.
-func haveImage(c *cli.Context) bool { return c.IsSet("bootstrap") || c.IsSet("image") }
+func haveImage(c *cli.Command) bool { return c.IsSet("bootstrap") || c.IsSet("image") }
 
 // openImage composes the image named by the image flags into a device;
 // closing it releases everything it opened.
-func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
+func openImage(ctx context.Context, c *cli.Command, withPrefetch bool) (*blockdev.Image, error) {
 	if c.IsSet("image") && (c.IsSet("bootstrap") || c.IsSet("blob-dir") || c.IsSet("registry") || c.IsSet("backend")) {
 		return nil, errors.New("--image names the bootstrap and blobs itself: drop -B, -D, --registry and --backend")
 	}
-	o := &imageOpener{c: c}
+	o := &imageOpener{ctx: ctx, c: c}
 	img, err := o.open(flagSource(c), withPrefetch)
 	if err != nil {
 		o.Close()
@@ -101,7 +102,8 @@ func openImage(c *cli.Context, withPrefetch bool) (*blockdev.Image, error) {
 // imageOpener composes images for one command. It opens the blob cache once
 // (the cache is locked per process) and closes it last.
 type imageOpener struct {
-	c      *cli.Context
+	ctx    context.Context
+	c      *cli.Command
 	cache  *blobcache.Cache
 	shared sharedBlobs
 }
@@ -126,10 +128,10 @@ func (o *imageOpener) Close() error {
 // table and of --prefetch/--prefetch-all. A converted image (--image) is
 // read from the cache's layer tars directly.
 func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image, error) {
-	c := o.c
-	log := logger(c)
+	c, ctx := o.c, o.ctx
+	log := logger(ctx)
 	if src.ref != "" {
-		return openConvertedImage(c, src.ref)
+		return openConvertedImage(o.ctx, c, src.ref)
 	}
 	boot, cacheRoot := src.bootstrap, c.String("cache-dir")
 	if boot == "" {
@@ -151,7 +153,7 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 	}
 	var img *blockdev.Image
 	if cacheRoot == "" {
-		img, err = blockdev.OpenRafs(c.Context, ri, blockdev.LocalBlobs{Dir: dir})
+		img, err = blockdev.OpenRafs(ctx, ri, blockdev.LocalBlobs{Dir: dir})
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", boot, err)
 		}
@@ -168,7 +170,7 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 			}
 		}
 		cb := newCachedBlobs(o.cache, &o.shared, store, ri.ChunkTable)
-		img, err = blockdev.OpenRafs(c.Context, ri, cb)
+		img, err = blockdev.OpenRafs(ctx, ri, cb)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", boot, err)
 		}
@@ -186,7 +188,7 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 
 // openConvertedImage composes an image that 'rafsnbd convert' left in the
 // cache: its merged bootstrap and the layer tars beside it, read directly.
-func openConvertedImage(c *cli.Context, ref string) (*blockdev.Image, error) {
+func openConvertedImage(ctx context.Context, c *cli.Command, ref string) (*blockdev.Image, error) {
 	cacheRoot := c.String("cache-dir")
 	if cacheRoot == "" {
 		return nil, errors.New("--image needs --cache-dir DIR: where 'rafsnbd convert' put it")
@@ -195,11 +197,11 @@ func openConvertedImage(c *cli.Context, ref string) (*blockdev.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img, err := blockdev.Open(c.Context, boot, blockdev.LocalBlobs{Dir: dir})
+	img, err := blockdev.Open(ctx, boot, blockdev.LocalBlobs{Dir: dir})
 	if err != nil {
 		return nil, err
 	}
-	logger(c).Debug().Str("image", ref).Str("bootstrap", boot).Int("layers", len(img.Rafs.Blobs)).
+	logger(ctx).Debug().Str("image", ref).Str("bootstrap", boot).Int("layers", len(img.Rafs.Blobs)).
 		Int64("size", img.Size()).Msg("converted image composed")
 	return img, nil
 }
