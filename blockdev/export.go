@@ -3,10 +3,9 @@ package blockdev
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"runtime"
 
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
@@ -60,22 +59,19 @@ const sparseGrain = 64 << 10
 // file appears under path only when complete and synced (temp file in the
 // same directory, then rename; opts.NoSync skips the syncing), so an
 // interrupted export never leaves a partial image under the final name.
+// An existing path that is not a regular file (a device node, a symbolic
+// link, a directory) is refused: Export never writes through or onto one.
 func Export(ctx context.Context, dev Device, path string, opts ExportOptions) (*ExportResult, error) {
 	size := dev.Size()
 	var builder *verity.Builder
 	end := size
-	dir := filepath.Dir(path)
-	tmp, err := atomicfile.CreateTemp(path)
+	// atomicfile refuses a path that is a device node, a symbolic link or
+	// a directory, and its errors name path, not the temporary.
+	tmp, err := atomicfile.Create(path)
 	if err != nil {
-		return nil, fmt.Errorf("blockdev: export: %w", err)
+		return nil, err
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
+	defer tmp.Abort()
 	if opts.Verity != nil {
 		p := *opts.Verity
 		if p.DataSize() != uint64(size) {
@@ -96,13 +92,13 @@ func Export(ctx context.Context, dev Device, path string, opts ExportOptions) (*
 		treeInput = builder
 	}
 	if err := copySparse(ctx, dev, tmp, treeInput, opts.Progress); err != nil {
-		return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
+		return nil, exportError(path, err)
 	}
 	res := &ExportResult{}
 	if builder != nil {
 		tree, err := builder.Finish()
 		if err != nil {
-			return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
+			return nil, exportError(path, err)
 		}
 		res.Tree = tree
 		end = int64(tree.Params.HashOffset + tree.Params.TreeSize())
@@ -110,28 +106,30 @@ func Export(ctx context.Context, dev Device, path string, opts ExportOptions) (*
 	// Trailing holes (and the gap before the tree) exist only once the
 	// file is long enough.
 	if err := tmp.Truncate(end); err != nil {
-		return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
-	}
-	if !opts.NoSync {
-		if err := tmp.Sync(); err != nil {
-			return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
-		}
+		return nil, err
 	}
 	if err := tmp.Chmod(0o644); err != nil {
-		return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
+		return nil, err
 	}
-	if err := tmp.Close(); err != nil {
-		return nil, fmt.Errorf("blockdev: export %s: %w", path, err)
+	if opts.NoSync {
+		err = tmp.CommitUnsynced()
+	} else {
+		err = tmp.Commit()
 	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return nil, fmt.Errorf("blockdev: export: %w", err)
-	}
-	ok = true
-	if !opts.NoSync {
-		_ = atomicfile.SyncDir(dir) // the file is complete; this only makes the rename durable
+	if err != nil {
+		return nil, err
 	}
 	res.Size = end
 	return res, nil
+}
+
+// exportError prefixes err unless it is already about writing path.
+func exportError(path string, err error) error {
+	var ae *atomicfile.Error
+	if errors.As(err, &ae) {
+		return err
+	}
+	return fmt.Errorf("blockdev: export %s: %w", path, err)
 }
 
 // extentLister is implemented by devices that know where their holes are.
