@@ -96,7 +96,6 @@ const (
 	mapSuffix  = ".map"
 	metaSuffix = ".meta"
 	lockName   = ".lock"
-	tmpMarker  = atomicfile.TempMarker
 )
 
 // ErrLocked is returned by Open when another process holds the cache.
@@ -200,7 +199,7 @@ func List(dir string) ([]Entry, error) {
 	ids := map[string]bool{}
 	for _, n := range names {
 		name := n.Name()
-		if strings.Contains(name, tmpMarker) || name == lockName {
+		if atomicfile.IsTemp(name) || name == lockName {
 			continue
 		}
 		for _, s := range []string{dataSuffix, mapSuffix, metaSuffix} {
@@ -292,7 +291,7 @@ func (c *Cache) GC(opts GCOptions) ([]Entry, error) {
 	}
 	var errs []error
 	for _, n := range names {
-		if strings.Contains(n.Name(), tmpMarker) {
+		if atomicfile.IsTemp(n.Name()) {
 			if err := os.Remove(filepath.Join(c.dir, n.Name())); err != nil {
 				errs = append(errs, err)
 			}

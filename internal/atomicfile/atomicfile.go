@@ -44,7 +44,7 @@ func CheckTarget(path string) error {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil
 	case err != nil:
-		return writeError(path, err)
+		return WriteError(path, err)
 	case st.Mode().IsRegular():
 		return nil
 	case st.IsDir():
@@ -104,9 +104,10 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// writeError makes err (from an operation on path's temporary) an *Error
-// about path; nil stays nil and an *Error is kept.
-func writeError(path string, err error) error {
+// WriteError makes err (from an operation on path's temporary) an *Error
+// about path; nil stays nil and an *Error is kept. For callers that handle
+// a temporary by name (a hard link, a chmod).
+func WriteError(path string, err error) error {
 	var ae *Error
 	if err == nil || errors.As(err, &ae) {
 		return err
@@ -134,7 +135,7 @@ func Create(path string) (*File, error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+TempMarker+"*")
 	if err != nil {
-		return nil, writeError(path, err)
+		return nil, WriteError(path, err)
 	}
 	return &File{File: f, path: path, dir: dir}, nil
 }
@@ -145,7 +146,7 @@ func Create(path string) (*File, error) {
 func CreateIn(dir, what string) (*File, error) {
 	f, err := os.CreateTemp(dir, "."+what+TempMarker+"*")
 	if err != nil {
-		return nil, writeError(filepath.Join(dir, what), err)
+		return nil, WriteError(dir, err)
 	}
 	return &File{File: f, dir: dir}, nil
 }
@@ -161,19 +162,19 @@ func (f *File) target() string {
 
 func (f *File) Write(p []byte) (int, error) {
 	n, err := f.File.Write(p)
-	return n, writeError(f.target(), err)
+	return n, WriteError(f.target(), err)
 }
 
 func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	n, err := f.File.WriteAt(p, off)
-	return n, writeError(f.target(), err)
+	return n, WriteError(f.target(), err)
 }
 
-func (f *File) Truncate(size int64) error { return writeError(f.target(), f.File.Truncate(size)) }
+func (f *File) Truncate(size int64) error { return WriteError(f.target(), f.File.Truncate(size)) }
 func (f *File) Chmod(mode os.FileMode) error {
-	return writeError(f.target(), f.File.Chmod(mode))
+	return WriteError(f.target(), f.File.Chmod(mode))
 }
-func (f *File) Sync() error { return writeError(f.target(), f.File.Sync()) }
+func (f *File) Sync() error { return WriteError(f.target(), f.File.Sync()) }
 
 // Close closes the temporary; it stays in place until Commit or Abort.
 func (f *File) Close() error {
@@ -181,7 +182,7 @@ func (f *File) Close() error {
 		return nil
 	}
 	f.closed = true
-	return writeError(f.target(), f.File.Close())
+	return WriteError(f.target(), f.File.Close())
 }
 
 // Commit syncs and closes the temporary, renames it to the path given to
@@ -213,7 +214,7 @@ func (f *File) commit(path string, sync bool) error {
 	}
 	f.committed = true
 	if sync {
-		return writeError(path, SyncDir(filepath.Dir(path)))
+		return WriteError(path, SyncDir(filepath.Dir(path)))
 	}
 	return nil
 }
@@ -235,7 +236,7 @@ func publish(tmp, path string) error {
 		return err
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return writeError(path, err)
+		return WriteError(path, err)
 	}
 	return nil
 }
@@ -246,17 +247,17 @@ func publish(tmp, path string) error {
 func CommitName(tmp, path string) error {
 	f, err := os.Open(tmp)
 	if err != nil {
-		return writeError(path, err)
+		return WriteError(path, err)
 	}
 	err = f.Sync()
 	f.Close()
 	if err != nil {
-		return writeError(path, err)
+		return WriteError(path, err)
 	}
 	if err := publish(tmp, path); err != nil {
 		return err
 	}
-	return writeError(path, SyncDir(filepath.Dir(path)))
+	return WriteError(path, SyncDir(filepath.Dir(path)))
 }
 
 // WriteFile replaces path with data, with mode perm.
