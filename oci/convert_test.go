@@ -66,6 +66,13 @@ func ociTestLayers(t testing.TB) [][]byte {
 		fifo,
 		tDir("tmp/", 0o1777),
 		tFile("gone-later", "deleted by layer 3"),
+		tDir("usr/share/", 0o755),
+		tDir("usr/share/man/", 0o755),
+		tDir("usr/share/man/cs/", 0o755),
+		tDir("usr/share/man/cs/man1/", 0o755),
+		tFile("usr/share/man/cs/man1/ls.1", "cs ls"),
+		tDir("usr/share/man/man1/", 0o755),
+		tFile("usr/share/man/man1/ls.1", "ls"),
 	)
 	l2 := makeTar(t,
 		tDir("etc/", 0o755),
@@ -94,6 +101,14 @@ func ociTestLayers(t testing.TB) [][]byte {
 		tDir("usr/lib/", 0o755),
 		tFile("usr/lib/libc.so", "replaced"),
 		tFile("pair-a", "pair-a replaced"),
+		// umoci writes a directory replaced by a file this way: the file,
+		// then whiteouts beneath it, whose parent is no directory any
+		// more; they delete nothing.
+		tFile("usr/share/man", "a file now"),
+		tFile("usr/share/man/.wh.cs", ""),
+		// Whiteouts below a lower file and below nothing: no effect.
+		tFile("etc/passwd/.wh.shadow", ""),
+		tFile("nowhere/deep/.wh.x", ""),
 	)
 	l4 := makeTar(t,
 		tDir("srv/", 0o755),

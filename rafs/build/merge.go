@@ -76,7 +76,9 @@ func MergeFiles(ctx context.Context, paths []string, out io.Writer, opts MergeOp
 //   - ".wh.NAME" deletes NAME (and what is below it) from the lower layers,
 //     ".wh..wh..opq" empties its directory of lower entries; both act on
 //     lower layers only, never on entries of their own layer, and neither
-//     appears in the result (nor does any other ".wh." name);
+//     appears in the result (nor does any other ".wh." name); where the
+//     lower layers have no directory above a whiteout (a file, or nothing)
+//     it deletes nothing and creates no directory;
 //   - hard links stay hard links within their layer;
 //   - a directory that a layer's bootstrap holds only because the tar
 //     named a path below it (mode 0755, owner 0:0, mtime 0, no xattrs: what
@@ -229,6 +231,22 @@ func impliedDir(e *rafs.Entry) bool {
 		e.Mtime == 0 && e.MtimeNsec == 0 && len(e.Xattrs) == 0
 }
 
+// onlyWhiteouts reports whether a layer directory holds whiteouts and
+// nothing else but implied directories holding only whiteouts. An empty
+// directory does not count: it may be an explicit one that merely looks
+// implied (a reproducible build's mtime 0).
+func onlyWhiteouts(n *layerNode) bool {
+	for _, c := range n.kids {
+		if strings.HasPrefix(c.name, whiteoutPrefix) {
+			continue
+		}
+		if !c.n.e.IsDir() || !impliedDir(c.n.e) || !onlyWhiteouts(c.n) {
+			return false
+		}
+	}
+	return len(n.kids) > 0
+}
+
 // mergeNode is an entry of the image being merged.
 type mergeNode struct {
 	node *rafs.Node            // Link is set for the extra names of a hard-linked inode
@@ -273,6 +291,13 @@ func (m *merger) mergeDir(dst *mergeNode, src *layerNode, dir string) error {
 			continue
 		}
 		if old == nil || old.kids == nil {
+			if impliedDir(c.n.e) && onlyWhiteouts(c.n) {
+				// No lower directory here for the whiteouts to act on:
+				// they delete nothing, and the directories the tar
+				// implied to hold them are not the layer's entries, so
+				// a lower non-directory stays (as with umoci).
+				continue
+			}
 			old = &mergeNode{node: m.convert(c.n.e), kids: map[string]*mergeNode{}}
 			dst.kids[c.name] = old
 		} else if !impliedDir(c.n.e) {

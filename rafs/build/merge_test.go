@@ -269,6 +269,51 @@ func TestMergeOCISemantics(t *testing.T) {
 	}
 }
 
+// TestMergeWhiteoutUnderNonDir: a whiteout whose parent is no directory
+// in the merged view deletes nothing. umoci writes a directory replaced by
+// a file as the file followed by whiteouts beneath it; a whiteout below a
+// lower file or below nothing leaves the file and creates no directory
+// (umoci's extraction of the same layers).
+func TestMergeWhiteoutUnderNonDir(t *testing.T) {
+	l1 := makeTar(t,
+		mergeDirEnt("usr/", 0o755),
+		mergeDirEnt("usr/share/", 0o755),
+		mergeDirEnt("usr/share/man/", 0o755),
+		mergeDirEnt("usr/share/man/cs/", 0o755),
+		mergeDirEnt("usr/share/man/cs/man1/", 0o755),
+		mergeFile("usr/share/man/cs/man1/ls.1", "cs ls"),
+		mergeDirEnt("usr/share/man/man1/", 0o755),
+		mergeFile("usr/share/man/man1/ls.1", "ls"),
+		mergeFile("f", "F"),
+	)
+	l2 := makeTar(t,
+		mergeFile("usr/share/man", "a file now"),
+		mergeFile("usr/share/man/.wh.cs", ""),
+		mergeFile("usr/share/man/man1/.wh.ls.1", ""),
+		mergeFile("usr/share/man/.wh..wh..opq", ""),
+		mergeFile("f/.wh.y", ""),
+		mergeFile("f/sub/.wh.z", ""),
+		mergeFile("g/h/.wh.z", ""),
+	)
+	img, blobs, _ := mergeLayers(t, l1, l2)
+	diffDescriptions(t, map[string]string{
+		"/":              "dir 755",
+		"/usr":           "dir 755",
+		"/usr/share":     "dir 755",
+		"/usr/share/man": `file 644 "a file now"`,
+		"/f":             `file 644 "F"`,
+	}, describeImage(t, img, blobs))
+
+	// The layer's own image has the file and none of the whiteouts below it.
+	fsys, err := buildTarBytes(t, l2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if data, err := fs.ReadFile(fsys, "usr/share/man"); err != nil || string(data) != "a file now" {
+		t.Errorf("layer image: usr/share/man = %q, %v", data, err)
+	}
+}
+
 // TestMergeHardlinkSurvivesUpperName: a hard-linked inode whose first name
 // is replaced above keeps its other names linked together.
 func TestMergeHardlinkSurvivesUpperName(t *testing.T) {

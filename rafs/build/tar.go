@@ -33,7 +33,9 @@ const pageSize = 4096
 // directories appear with mode 0755, and a later entry replaces an earlier
 // one of the same name (a directory over a directory only updates its
 // metadata). Symlink targets are stored verbatim. Hard links must name an
-// earlier entry. Whiteout files (.wh.*) are ordinary files here.
+// earlier entry. Whiteout files (.wh.*) are ordinary files here, except
+// that one beneath a non-directory of the same tar is dropped (see
+// applyTarEntry).
 func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Options) (*Result, error) {
 	if err := opts.normalize(); err != nil {
 		return nil, err
@@ -194,6 +196,14 @@ func applyTarEntry(t *pathTree, hdr *tar.Header, dataOff, tarSize int64) error {
 	name, err := cleanTarPath(hdr.Name)
 	if err != nil {
 		return err
+	}
+	// umoci writes a directory replaced by a file as the file followed by
+	// whiteouts of the old directory's entries. Beneath a non-directory of
+	// this same layer a whiteout has nothing to delete (the file already
+	// hides the lower directory), and extraction skips it; so does the
+	// index, which could not place it anyway.
+	if strings.HasPrefix(path.Base(name), whiteoutPrefix) && t.underNonDir(name) {
+		return nil
 	}
 	if hdr.Typeflag == tar.TypeLink {
 		target, err := cleanTarPath(hdr.Linkname)

@@ -97,6 +97,24 @@ func (t *pathTree) parent(p string) (*inode, string, error) {
 	return dir, elems[len(elems)-1], nil
 }
 
+// underNonDir reports whether a non-directory already in the tree stands
+// at one of clean path p's parents.
+func (t *pathTree) underNonDir(p string) bool {
+	dir := t.root
+	elems := strings.Split(p, "/")
+	for _, e := range elems[:len(elems)-1] {
+		next, ok := dir.children[e]
+		if !ok {
+			return false
+		}
+		if !next.isDir() {
+			return true
+		}
+		dir = next
+	}
+	return false
+}
+
 // lookup finds clean path p without creating anything.
 func (t *pathTree) lookup(p string) (*inode, bool) {
 	in := t.root
