@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -62,8 +61,8 @@ blob. The cache must not be in use by another process.`,
 					Flags: []cli.Flag{
 						cacheDirFlag(),
 						&cli.BoolFlag{Name: "all", Usage: "remove every cached blob"},
-						&cli.DurationFlag{Name: "older-than", Usage: "remove blobs last used longer ago than `DURATION` (e.g. 168h)"},
-						&cli.StringFlag{Name: "max-size", Usage: "then evict least recently used blobs down to `SIZE` on disk (e.g. 20GiB, 500M)"},
+						durationFlag("older-than", 0, "remove blobs last used longer ago than `DURATION`"),
+						sizeFlag("max-size", 0, "then evict least recently used blobs down to `SIZE` on disk"),
 					},
 					Action: runCacheGC,
 				},
@@ -174,37 +173,15 @@ func scaleBytes(n uint64) (float64, string) {
 	return v, units[u]
 }
 
-// parseSize reads a byte count: plain bytes, or with a K, M, G, T suffix
-// (binary multiples; "KiB", "K", "KB" all mean 1024).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(strings.ToUpper(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
-	shift := 0
-	if t != "" {
-		if i := strings.IndexByte("KMGTP", t[len(t)-1]); i >= 0 {
-			shift = 10 * (i + 1)
-			t = t[:len(t)-1]
-		}
-	}
-	v, err := strconv.ParseFloat(strings.TrimSpace(t), 64)
-	if err != nil || v < 0 || v*float64(int64(1)<<shift) > 1<<62 {
-		return 0, fmt.Errorf("size %q: want bytes or a number with K, M, G, T (binary units)", s)
-	}
-	return int64(v * float64(int64(1)<<shift)), nil
-}
-
 func runCacheGC(ctx context.Context, c *cli.Command) error {
 	dir, err := cacheDir(c)
 	if err != nil {
 		return err
 	}
-	opts := blobcache.GCOptions{All: c.Bool("all"), OlderThan: c.Duration("older-than")}
-	if s := c.String("max-size"); s != "" {
-		if opts.MaxSize, err = parseSize(s); err != nil {
-			return fmt.Errorf("--max-size: %w", err)
-		}
-		if opts.MaxSize == 0 {
-			return errors.New("--max-size 0: use --all to empty the cache")
+	opts := blobcache.GCOptions{All: c.Bool("all"), OlderThan: flagDuration(c, "older-than")}
+	if c.IsSet("max-size") {
+		if opts.MaxSize = flagSize(c, "max-size"); opts.MaxSize == 0 {
+			return usagef(c, "--max-size 0: use --all to empty the cache")
 		}
 	}
 	cache, err := blobcache.Open(dir, nil)

@@ -17,21 +17,6 @@ import (
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{
-		"1024": 1024, "4K": 4096, "4KiB": 4096, "4kb": 4096, "1.5M": 3 << 19, "20GiB": 20 << 30, "2T": 2 << 40,
-	} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"", "x", "-1", "1Q", "99999999P"} {
-		if _, err := parseSize(bad); err == nil {
-			t.Errorf("parseSize(%q) accepted", bad)
-		}
-	}
-}
-
 // TestCacheCommands fills a cache from the nydus fixture file by file,
 // lists it, and empties it with gc.
 func TestCacheCommands(t *testing.T) {

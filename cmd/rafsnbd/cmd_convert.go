@@ -62,7 +62,7 @@ Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
 				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
 				&cli.IntFlag{Name: "concurrency", Value: oci.DefaultConcurrency, Usage: "layers pulled at once"},
 				&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
-				&cli.DurationFlag{Name: "stall-timeout", Value: oci.DefaultStallTimeout, Usage: "fail a download that waits `DURATION` (such as 30s or 2m) for the registry's next bytes; 0 waits for ever"},
+				durationFlag("stall-timeout", oci.DefaultStallTimeout, "fail a download that waits `DURATION` for the registry's next bytes; 0 waits for ever"),
 				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
 				&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
 			},
@@ -96,7 +96,7 @@ func runConvert(ctx context.Context, c *cli.Command) error {
 
 	bars := &convertProgress{}
 	defer bars.finish()
-	stallTimeout := c.Duration("stall-timeout")
+	stallTimeout := flagDuration(c, "stall-timeout")
 	if stallTimeout == 0 {
 		stallTimeout = -1 // the flag's 0 means no limit; Options' means the default
 	}

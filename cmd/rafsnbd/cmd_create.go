@@ -8,8 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"github.com/urfave/cli/v3"
 
@@ -54,7 +52,7 @@ bootstrap and every blob with its size. Then, for example:
 				&cli.StringFlag{Name: "type", Usage: "`TYPE` of image: dir or tarfs (default: dir for a directory, tarfs for a tar)"},
 				&cli.StringFlag{Name: "compressor", Value: "zstd", Usage: "chunk `ALGORITHM` in dir mode: zstd, lz4_block, gzip or none"},
 				&cli.StringFlag{Name: "digester", Value: "blake3", Usage: "chunk digest `ALGORITHM` in dir mode: blake3 or sha256"},
-				&cli.StringFlag{Name: "chunk-size", Value: "1M", Usage: "chunk `SIZE`: a power of two from 4K to 16M (bytes, or with K/M suffix, or 0x hex)"},
+				sizeFlag("chunk-size", 1<<20, "chunk `SIZE`: a power of two from 4K to 16M"),
 				&cli.StringFlag{Name: "blob-id", Usage: "tarfs: name the tar blob `ID` (e.g. its layer digest, sha256:...) instead of hashing it"},
 				&cli.IntFlag{Name: "workers", Usage: "`N` goroutines compressing chunks (default: number of CPUs)"},
 			},
@@ -77,7 +75,7 @@ func runCreate(ctx context.Context, c *cli.Command) error {
 	if opts.Digester, err = rafs.ParseDigester(c.String("digester")); err != nil {
 		return err
 	}
-	if opts.ChunkSize, err = parseChunkSize(c.String("chunk-size")); err != nil {
+	if opts.ChunkSize, err = checkChunkSize(flagSize(c, "chunk-size")); err != nil {
 		return err
 	}
 	opts.BlobID = c.String("blob-id")
@@ -186,23 +184,10 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 	return build.FromTar(ctx, f, boot, opts)
 }
 
-// parseChunkSize reads 1048576, 1M, 1m, 512K, 0x100000.
-func parseChunkSize(s string) (uint32, error) {
-	mult := uint64(1)
-	t := strings.TrimSpace(s)
-	switch {
-	case strings.HasSuffix(strings.ToUpper(t), "K"):
-		mult, t = 1<<10, t[:len(t)-1]
-	case strings.HasSuffix(strings.ToUpper(t), "M"):
-		mult, t = 1<<20, t[:len(t)-1]
+// checkChunkSize checks a --chunk-size: a power of two from 4K to 16M.
+func checkChunkSize(n int64) (uint32, error) {
+	if n < 4096 || n > 16<<20 || n&(n-1) != 0 {
+		return 0, fmt.Errorf("--chunk-size %s: want a power of two from 4K to 16M", formatSize(n))
 	}
-	v, err := strconv.ParseUint(t, 0, 32)
-	if err != nil || v*mult > 16<<20 {
-		return 0, fmt.Errorf("--chunk-size %q: want a power of two from 4K to 16M", s)
-	}
-	n := uint32(v * mult)
-	if n&(n-1) != 0 || n < 4096 {
-		return 0, fmt.Errorf("--chunk-size %q: want a power of two from 4K to 16M", s)
-	}
-	return n, nil
+	return uint32(n), nil
 }

@@ -15,19 +15,6 @@ import (
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-func TestParseChunkSize(t *testing.T) {
-	for in, want := range map[string]uint32{"1M": 1 << 20, "4k": 4096, "16M": 16 << 20, "65536": 65536, "0x100000": 1 << 20} {
-		if got, err := parseChunkSize(in); err != nil || got != want {
-			t.Errorf("%q: %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "1G", "3000", "2K", "32M", "-1", "1.5M", "M"} {
-		if got, err := parseChunkSize(in); err == nil {
-			t.Errorf("%q accepted as %d", in, got)
-		}
-	}
-}
-
 // TestCreate builds a small tree as a directory image, as a tarfs image
 // from a file and from stdin, and reads each back with the rafs reader.
 func TestCreate(t *testing.T) {

@@ -51,11 +51,11 @@ Commands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
 				&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes (instead of -B/-D)"},
 				&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
 				&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},
-				&cli.IntFlag{Name: "timeout", Value: 0, Usage: "per-request timeout in `SECONDS`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"},
-				&cli.IntFlag{Name: "dead-conn-timeout", Value: 120, Usage: "netlink: `SECONDS` reads wait for a restarted server when every connection is dead, instead of failing"},
+				durationFlag("timeout", 0, "per-request timeout `DURATION`; 0 never fails a slow read (a positive value cuts a connection whose read takes longer)"),
+				durationFlag("dead-conn-timeout", 2*time.Minute, "netlink: how long (`DURATION`) reads wait for a restarted server when every connection is dead, instead of failing"),
 				&cli.BoolFlag{Name: "ioctl", Usage: "use the legacy ioctl interface instead of generic netlink (no restart without unmounting)"},
 				&cli.StringFlag{Name: "backend-id", Usage: "netlink backend identifier `ID` tagging the device; default: derived from the image"},
-				&cli.IntFlag{Name: "block-size", Usage: "logical block size in `BYTES` (512..65536, a power of two); default: the EROFS image's block size, 4096 if none"},
+				sizeFlag("block-size", 0, "logical block `SIZE`, a power of two from 512 to 64K; default: the EROFS image's block size, 4K if none"),
 			),
 			Action: runNBD,
 			Commands: []*cli.Command{
@@ -160,7 +160,7 @@ func runNBD(ctx context.Context, c *cli.Command) error {
 	}
 	defer src.close()
 
-	blockSize := int64(c.Int("block-size"))
+	blockSize := flagSize(c, "block-size")
 	if blockSize == 0 {
 		blockSize = src.blockSize
 	}
@@ -168,15 +168,12 @@ func runNBD(ctx context.Context, c *cli.Command) error {
 	if backendID == "" {
 		backendID = src.backendID
 	}
-	if c.Int("timeout") < 0 || c.Int("dead-conn-timeout") < 0 {
-		return errors.New("--timeout and --dead-conn-timeout must not be negative")
-	}
 	att, err := nbd.AttachKernel(ctx, src.device, nbd.KernelOptions{
 		Index:           index,
 		Connections:     c.Int("connections"),
 		BlockSize:       blockSize,
-		Timeout:         time.Duration(c.Int("timeout")) * time.Second,
-		DeadConnTimeout: time.Duration(c.Int("dead-conn-timeout")) * time.Second,
+		Timeout:         flagDuration(c, "timeout"),
+		DeadConnTimeout: flagDuration(c, "dead-conn-timeout"),
 		BackendID:       backendID,
 		UseIoctl:        c.Bool("ioctl"),
 		Transmission:    nbd.TransmissionOptions{Logger: log, DeviceMayStall: lazyBlobs(c)},

@@ -70,14 +70,25 @@ given to format.`,
 
 func verityFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.IntFlag{Name: "data-block-size", Value: 4096, Usage: "data block `BYTES`: a power of two, 512 (tarfs images) to 65536"},
-		&cli.IntFlag{Name: "hash-block-size", Value: 4096, Usage: "hash block `BYTES`: a power of two, 512 to 65536"},
+		sizeFlag("data-block-size", 4096, "data block `SIZE`: a power of two, 512 (tarfs images) to 64K"),
+		sizeFlag("hash-block-size", 4096, "hash block `SIZE`: a power of two, 512 to 64K"),
 		&cli.Uint64Flag{Name: "data-blocks", Usage: "number of data blocks `N` to cover", DefaultText: "all of DATA"},
-		&cli.Uint64Flag{Name: "hash-offset", Usage: "byte `OFFSET` of the tree in the hash file, a multiple of the hash block size", DefaultText: "0 in HASHFILE; in DATA, the data size rounded up to a hash block"},
+		hashOffsetFlag(),
+		// veritysetup's spelling of what the tree is, so that the line export
+		// and convert print ("--no-superblock --format=1 -s \"\" ...") can be
+		// pasted as it is.
+		&cli.BoolFlag{Name: "no-superblock", Value: true, Usage: "no verity superblock (the only layout rafsnbd writes; accepted for veritysetup's command line)"},
+		&cli.IntFlag{Name: "format", Value: 1, Usage: "hash `FORMAT`: 1, the only one (accepted for veritysetup's command line)"},
 		&cli.StringFlag{Name: "salt", Aliases: []string{"s"}, Value: "-", Usage: "salt as `HEX`, or - for none (veritysetup's default is a random salt; pass it here)"},
 		&cli.StringFlag{Name: "hash", Value: "sha256", Usage: "hash `ALGORITHM`: sha256, sha1 or sha512"},
 		&cli.StringFlag{Name: "compat", Value: "standard", Usage: "`MODE` for unused digest slots: standard (zeros, like veritysetup) or nydus (sha256 of a zero page, like nydus-image export --verity; sha256 only, no salt)"},
 	}
+}
+
+func hashOffsetFlag() cli.Flag {
+	f := sizeFlag("hash-offset", 0, "byte `OFFSET` of the tree in the hash file, a multiple of the hash block size")
+	f.DefaultText = "0 in HASHFILE; in DATA, the data size rounded up to a hash block"
+	return f
 }
 
 // verityParams builds the tree parameters from the flags for data of
@@ -85,8 +96,14 @@ func verityFlags() []cli.Flag {
 func verityParams(c *cli.Command, dataBytes int64, appended bool) (verity.Params, error) {
 	p := verity.Params{
 		Algorithm:     c.String("hash"),
-		DataBlockSize: c.Int("data-block-size"),
-		HashBlockSize: c.Int("hash-block-size"),
+		DataBlockSize: int(flagSize(c, "data-block-size")),
+		HashBlockSize: int(flagSize(c, "hash-block-size")),
+	}
+	if f := c.Int("format"); f != 1 {
+		return p, usagef(c, "--format=%d: only format 1 (no superblock) is supported", f)
+	}
+	if !c.Bool("no-superblock") {
+		return p, usagef(c, "--no-superblock=false: trees with a verity superblock are not supported")
 	}
 	var err error
 	if p.Compat, err = verity.ParseCompat(c.String("compat")); err != nil {
@@ -113,7 +130,7 @@ func verityParams(c *cli.Command, dataBytes int64, appended bool) (verity.Params
 	}
 	switch {
 	case c.IsSet("hash-offset"):
-		p.HashOffset = c.Uint64("hash-offset")
+		p.HashOffset = uint64(flagSize(c, "hash-offset"))
 		if appended && p.HashOffset < p.DataSize() {
 			return p, fmt.Errorf("--hash-offset %d would put the tree inside the %d bytes of data", p.HashOffset, p.DataSize())
 		}
