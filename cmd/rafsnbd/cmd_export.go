@@ -70,6 +70,9 @@ func runExport(ctx context.Context, c *cli.Command) error {
 	if c.IsSet("verity-compat") && !c.Bool("verity") {
 		return fmt.Errorf("--verity-compat needs --verity")
 	}
+	if err := checkImageFlags(c, false); err != nil {
+		return err
+	}
 	out := c.String("output")
 	if out == "" && c.String("blob-dir") == "" {
 		// No -D (--image, --registry): there is no blob directory to

@@ -149,6 +149,9 @@ func runNBD(ctx context.Context, c *cli.Command) error {
 	if c.NArg() > 0 {
 		return usagef(c, "unexpected argument %q (subcommands: status, disconnect)", c.Args().First())
 	}
+	if err := checkImageFlags(c, true); err != nil {
+		return err
+	}
 	log := logger(ctx)
 	index, err := nbd.ParseDevice(c.String("device"))
 	if err != nil {

@@ -60,6 +60,9 @@ in-flight reads finish, and exits 0.`,
 }
 
 func runServe(ctx context.Context, c *cli.Command) error {
+	if err := checkImageFlags(c, true); err != nil {
+		return err
+	}
 	log := logger(ctx)
 	if path := c.String("cpuprofile"); path != "" {
 		f, err := os.Create(path)
