@@ -24,7 +24,7 @@ func runCmd(t *testing.T, command string, args ...string) (string, error) {
 func TestExportWithoutBlobDirWantsOutput(t *testing.T) {
 	for _, args := range [][]string{
 		{"--image", "example.com/app:1", "--cache-dir", t.TempDir()},
-		{"-B", "image.boot", "--registry", "example.com/app"},
+		{"-B", "image.boot", "--registry", "example.com/app", "--cache-dir", t.TempDir()},
 	} {
 		_, err := runCmd(t, "export", args...)
 		if err == nil || !strings.Contains(err.Error(), "give -o FILE") {
