@@ -129,6 +129,7 @@ type Blob struct {
 	UncompressedSize uint64 // bytes of its uncompressed address space
 	Chunks           uint32 // distinct chunks
 	// Placed says how a tarfs blob got into BlobDir: "reflink",
-	// "hardlink" or "copy" ("" in directory mode).
+	// "hardlink", "copy", or "decompressed gzip" / "decompressed zstd"
+	// ("" in directory mode).
 	Placed string
 }

@@ -26,7 +26,9 @@ const pageSize = 4096
 // <sha256 of the tar>, or opts.BlobID) and the bootstrap, written to
 // bootstrap, points at file data inside it. Only headers are read to index
 // the tar; file data is skipped by seeking. r's size comes from a Size or
-// Stat method, or from seeking to its end.
+// Stat method, or from seeking to its end. A gzip or zstd stream (told by
+// its magic bytes) is decompressed into opts.BlobDir first: the blob is the
+// uncompressed tar, named by its sha256 (opts.BlobID must be that sha256).
 //
 // Entries are applied as OCI layer extraction does: leading "/" and "./"
 // are dropped, names that climb above the root are an error, missing parent
@@ -59,15 +61,35 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 		tree   *pathTree
 		placed *placedTar
 	)
+	comp, err := DetectCompression(r, size)
+	if err != nil {
+		return nil, err
+	}
+	if comp != Uncompressed {
+		// The blob is the uncompressed tar: decompress it into place
+		// first, then index that.
+		if placed, size, err = decompressTar(ctx, r, size, comp, &opts); err != nil {
+			return nil, err
+		}
+		f, err := os.Open(placed.tmp)
+		if err != nil {
+			os.Remove(placed.tmp)
+			return nil, fmt.Errorf("build: %w", err)
+		}
+		defer f.Close()
+		r = f
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() (err error) {
 		tree, err = indexTar(gctx, r, size)
 		return err
 	})
-	g.Go(func() (err error) {
-		placed, err = placeTar(gctx, r, size, &opts)
-		return err
-	})
+	if placed == nil {
+		g.Go(func() (err error) {
+			placed, err = placeTar(gctx, r, size, &opts)
+			return err
+		})
+	}
 	err = g.Wait()
 	if placed != nil && err != nil {
 		os.Remove(placed.tmp)
