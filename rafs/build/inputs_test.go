@@ -129,8 +129,8 @@ func TestFromTarCompressedBroken(t *testing.T) {
 	tb := makeTar(t, reg("a", strings.Repeat("a", 10000)))
 	gz, zs := gzipBytes(t, tb), zstdBytes(t, tb)
 	for name, data := range map[string][]byte{
-		"truncated gzip": gz[:len(gz)/2],
-		"truncated zstd": zs[:len(zs)/2],
+		"truncated gzip":  gz[:len(gz)/2],
+		"truncated zstd":  zs[:len(zs)/2],
 		"gzip magic only": {0x1f, 0x8b},
 		"zstd magic only": {0x28, 0xb5, 0x2f, 0xfd},
 		"gzip of garbage": gzipBytes(t, bytes.Repeat([]byte{1}, 3000)),
