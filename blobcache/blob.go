@@ -1,6 +1,7 @@
 package blobcache
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -19,22 +20,39 @@ import (
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-// Blob is one blob's uncompressed address space, served from the cache and
-// filled from its backend on demand. It is an io.ReaderAt safe for
-// concurrent use; Size is the uncompressed size.
-type Blob struct {
-	cache *Cache
-	id    string
-	be    Backend
-	lay   *layout
-	opts  *Options
-	log   zerolog.Logger
+// Handle is one user's reference to an open blob: its uncompressed
+// address space, served from the cache and filled from the backend on
+// demand, every unit verified before it is served. It is an io.ReaderAt
+// safe for concurrent use. Handles from the same Cache onto the same blob
+// id share one open blob; Close releases this Handle only.
+type Handle struct {
+	c      *Cache
+	ob     *openBlob
+	b      *blob
+	closed atomic.Bool
+}
 
+// blob is one open blob, shared by the Handles onto it.
+type blob struct {
+	cache   *Cache
+	id      string
+	entryFP [32]byte // of the blob table entry it was opened with
+	be      Backend
+	local   bool // the backend said it never waits on a network
+	lay     *layout
+	opts    *Options
+	log     zerolog.Logger
+
+	// Disk-backed: the cache files and the in-memory ready bits (written
+	// and verified). Memory-only: mem holds the units instead.
 	data  *os.File
 	rmap  *readyMap
-	ready []atomic.Uint64 // in-memory ready bits: written and verified
+	ready []atomic.Uint64
+	mem   *memUnits
 
-	// ctx is cancelled by Close; every goroutine below is counted in wg.
+	// ctx is cancelled by close; every goroutine below is counted in wg.
+	// It bounds background work (fetches, prefetch, flush), never stands
+	// in for a reader's own context.
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -64,59 +82,89 @@ type fetch struct {
 	units []uint32 // sorted by stored offset
 	done  chan struct{}
 	err   error
+	// data[i] holds units[i]'s verified bytes in a memory-only cache (nil
+	// if it failed), so the waiting readers have them even if the LRU
+	// evicted them at once.
+	data [][]byte
 }
 
 // flushBatch is how many pending units make the flusher run early.
 const flushBatch = 256
 
-// Blob opens the cached blob described by blob table entry e, whose stored
-// bytes are read through be. chunkTable is the bootstrap's chunk table
-// (rafs.Image.ChunkTable), where chunk digests are looked up by e's blob
-// index; it may be nil for tarfs blobs and blobs with inline digests. The
-// Blob owns be and closes it (if it is an io.Closer) on Close.
-//
-// Opening reads the blob's chunk-info array (and digest section if
-// needed) from the backend the first time, and from the cache after that.
-func (c *Cache) Blob(ctx context.Context, be Backend, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*Blob, error) {
-	id := e.ID()
-	if err := CheckBlobID(id); err != nil {
+// staller is implemented by backends that know whether a read may wait
+// on a network: localfs files say false.
+type staller interface{ MayStall() bool }
+
+// openBlob opens blob e from store: the backend, its size check, the
+// layout, and (disk-backed) the cache files.
+func (c *Cache) openBlob(ctx context.Context, store Store, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*blob, error) {
+	be, err := store.Open(ctx, e.ID())
+	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	if c.lock == nil {
-		c.mu.Unlock()
-		return nil, fmt.Errorf("blobcache: cache %s is closed", c.dir)
-	}
-	if _, ok := c.blobs[id]; ok {
-		c.mu.Unlock()
-		return nil, fmt.Errorf("blobcache: blob %s is already open in this cache", id)
-	}
-	c.blobs[id] = nil // reserved while opening
-	c.mu.Unlock()
-
-	b, err := c.openBlob(ctx, be, e, chunkTable)
-	c.mu.Lock()
-	closed := c.lock == nil // Close ran meanwhile and did not see b
-	if err != nil || closed {
-		delete(c.blobs, id)
-	} else {
-		c.blobs[id] = b
-	}
-	c.mu.Unlock()
-	if err == nil && closed {
-		b.Close()
-		err = fmt.Errorf("cache %s was closed while the blob opened", c.dir)
-	}
+	b, err := c.newBlob(ctx, be, e, chunkTable)
 	if err != nil {
-		return nil, fmt.Errorf("blobcache: blob %s: %w", id, err)
+		if cl, ok := be.(io.Closer); ok {
+			cl.Close()
+		}
+		return nil, err
 	}
 	return b, nil
 }
 
-func (c *Cache) openBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*Blob, error) {
+// checkStoredSize compares the backend's size with blob table entry e. A
+// tarfs blob is the layer tar itself and must have exactly its
+// uncompressed size: this is the only check of tarfs bytes (they have no
+// chunk digests), and it catches appended or missing bytes, not changed
+// ones. Other blobs must hold at least compressed_size bytes; their chunk
+// digests catch any other change.
+func checkStoredSize(ctx context.Context, be Backend, e *rafs.BlobEntry) error {
+	size, err := be.Size(ctx)
+	if err != nil {
+		return fmt.Errorf("size of the stored blob: %w", err)
+	}
+	switch {
+	case e.IsTarfs() && uint64(size) != e.UncompressedSize:
+		return fmt.Errorf("stored tarfs blob has %d bytes, the bootstrap says %d: not the layer it was built from", size, e.UncompressedSize)
+	case !e.IsTarfs() && uint64(size) < e.CompressedSize:
+		return fmt.Errorf("stored blob has %d bytes, the bootstrap says %d: truncated", size, e.CompressedSize)
+	}
+	return nil
+}
+
+func (c *Cache) newBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*blob, error) {
 	id := e.ID()
 	log := c.opts.Logger.With().Str("blob", id).Logger()
 	entryFP := entryFingerprint(e)
+	b := &blob{
+		cache: c, id: id, entryFP: entryFP, be: be, opts: &c.opts, log: log, mem: c.mem,
+		inflight:  map[uint32]*fetch{},
+		flushKick: make(chan struct{}, 1),
+	}
+	if s, ok := be.(staller); ok {
+		b.local = !s.MayStall()
+	}
+	if c.mem != nil {
+		// Memory-only: nothing recorded, the layout comes from the backend.
+		if err := checkStoredSize(ctx, be, e); err != nil {
+			return nil, err
+		}
+		lay, err := buildLayout(e, &metaReader{ctx: ctx, be: be}, chunkTable, &c.opts)
+		if err != nil {
+			return nil, err
+		}
+		b.lay = lay
+		b.start(false)
+		return b, nil
+	}
+
+	// A disk cache that has its map checks the size once, when the blob is
+	// first cached: a restart reads nothing from the backend.
+	if _, err := os.Stat(c.path(id, mapSuffix)); err != nil {
+		if err := checkStoredSize(ctx, be, e); err != nil {
+			return nil, err
+		}
+	}
 	metaPath := c.path(id, metaSuffix)
 	exts, err := loadMeta(metaPath, entryFP)
 	if err != nil {
@@ -142,13 +190,8 @@ func (c *Cache) openBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chu
 	if err != nil {
 		return nil, err
 	}
-	b := &Blob{
-		cache: c, id: id, be: be, lay: lay, opts: &c.opts, log: log,
-		data: data, rmap: rmap,
-		ready:     make([]atomic.Uint64, (len(lay.units)+63)/64),
-		inflight:  map[uint32]*fetch{},
-		flushKick: make(chan struct{}, 1),
-	}
+	b.lay, b.data, b.rmap = lay, data, rmap
+	b.ready = make([]atomic.Uint64, (len(lay.units)+63)/64)
 	for id := range lay.units {
 		if bitSet(rmap.bits, uint32(id)) {
 			b.ready[id/64].Or(1 << (id % 64))
@@ -156,11 +199,32 @@ func (c *Cache) openBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chu
 			b.readyBytes.Add(int64(lay.units[id].usize))
 		}
 	}
+	b.start(true)
+	return b, nil
+}
+
+// start starts the blob's background work: the flusher of a disk cache.
+func (b *blob) start(flusher bool) {
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.pq.init()
-	b.wg.Add(1)
-	go b.flusher()
-	return b, nil
+	if flusher {
+		b.wg.Add(1)
+		go b.flusher()
+	}
+}
+
+// compatible checks that blob table entry e and chunkTable, given by a
+// second opener of the blob, agree with what it was opened with: the same
+// entry (whatever its index), and the same place and digest of every chunk
+// the table lists.
+func (b *blob) compatible(e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) error {
+	if entryFingerprint(e) != b.entryFP {
+		return errors.New("with a different blob table entry")
+	}
+	if b.lay.unitSize > 0 {
+		return nil // tarfs: the chunk table holds no digests
+	}
+	return b.lay.checkTable(e, chunkTable)
 }
 
 // openFiles opens the data file and the ready map, starting both afresh
@@ -214,13 +278,13 @@ func (c *Cache) openFiles(id string, hdr mapHeader, log zerolog.Logger) (*os.Fil
 }
 
 // ID is the blob id.
-func (b *Blob) ID() string { return b.id }
+func (h *Handle) ID() string { return h.b.id }
 
 // Size is the size of the blob's uncompressed address space.
-func (b *Blob) Size() int64 { return b.lay.size }
+func (h *Handle) Size() int64 { return h.b.lay.size }
 
 // Stats are a blob's counters since it was opened (Ready* include units
-// cached before).
+// cached before). In a memory-only cache Ready* stay 0: units come and go.
 type Stats struct {
 	Units          int
 	ReadyUnits     int64
@@ -232,8 +296,9 @@ type Stats struct {
 	PrefetchErrors int64 // prefetch pieces that failed
 }
 
-// Stats returns the blob's counters.
-func (b *Blob) Stats() Stats {
+// Stats returns the counters of the blob (shared by its Handles).
+func (h *Handle) Stats() Stats {
+	b := h.b
 	return Stats{
 		Units:          len(b.lay.units),
 		ReadyUnits:     b.readyUnits.Load(),
@@ -246,10 +311,36 @@ func (b *Blob) Stats() Stats {
 	}
 }
 
-func (b *Blob) isReady(id uint32) bool { return b.ready[id/64].Load()&(1<<(id%64)) != 0 }
+// MayStall reports whether a read may wait on a backend that is not
+// local: false when the backend is a local file, or when every unit of a
+// disk-backed blob is cached already.
+func (h *Handle) MayStall() bool {
+	b := h.b
+	if b.local {
+		return false
+	}
+	return b.mem != nil || b.readyUnits.Load() < int64(len(b.lay.units))
+}
+
+// Close releases the Handle; the blob is closed (prefetch stopped, fetches
+// in flight waited for, the cache made durable, files and backend closed)
+// when its last Handle is. Closing twice is harmless.
+func (h *Handle) Close() error {
+	if h.closed.Swap(true) {
+		return nil
+	}
+	return h.c.release(h.ob)
+}
+
+func (b *blob) isReady(id uint32) bool {
+	if b.mem != nil {
+		return b.mem.has(b, id)
+	}
+	return b.ready[id/64].Load()&(1<<(id%64)) != 0
+}
 
 // allReady reports whether the units at positions [lo, hi) are ready.
-func (b *Blob) allReady(lo, hi int) bool {
+func (b *blob) allReady(lo, hi int) bool {
 	for _, id := range b.lay.order[lo:hi] {
 		if !b.isReady(id) {
 			return false
@@ -260,13 +351,20 @@ func (b *Blob) allReady(lo, hi int) bool {
 
 // ReadAt reads the uncompressed space, fetching what is not cached yet. It
 // fails whole (never a short read with wrong bytes) when a fetch fails.
-func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
-	return b.ReadAtContext(b.ctx, p, off)
+func (h *Handle) ReadAt(p []byte, off int64) (int, error) {
+	return h.ReadAtContext(context.Background(), p, off)
 }
 
 // ReadAtContext is ReadAt with a context bounding the wait for fetches.
 // Cancelling it abandons the wait, not the fetches other readers share.
-func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+func (h *Handle) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if h.closed.Load() {
+		return 0, ErrClosed
+	}
+	return h.b.readAt(ctx, p, off)
+}
+
+func (b *blob) readAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("blobcache: blob %s: negative offset %d", b.id, off)
 	}
@@ -278,11 +376,23 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 		return 0, io.EOF
 	}
 	n := int(min(int64(len(p)), size-off))
-	if err := b.ensure(ctx, off, off+int64(n), true); err != nil {
-		return 0, err
-	}
-	if _, err := readat.Full(b.data, p[:n], off); err != nil {
-		return 0, fmt.Errorf("blobcache: blob %s: cache file read at %d: %w", b.id, off, err)
+	switch {
+	case b.mem == nil:
+		// The warm path: a bitmap test per unit, then one pread.
+		if err := b.ensure(ctx, off, off+int64(n), true); err != nil {
+			return 0, err
+		}
+		if _, err := readat.Full(b.data, p[:n], off); err != nil {
+			return 0, fmt.Errorf("blobcache: blob %s: cache file read at %d: %w", b.id, off, err)
+		}
+	case b.lay.unitSize > 0:
+		if err := b.readStored(ctx, p[:n], off); err != nil {
+			return 0, err
+		}
+	default:
+		if err := b.readMem(ctx, p[:n], off); err != nil {
+			return 0, err
+		}
 	}
 	if n < len(p) {
 		return n, io.EOF
@@ -290,8 +400,100 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	return n, nil
 }
 
-// Fetch makes sure [off, off+n) of the uncompressed space is cached.
-func (b *Blob) Fetch(ctx context.Context, off, n int64) error {
+// readStored reads a tarfs blob of a memory-only cache straight from its
+// backend: its bytes are stored as they are served, and there is nothing
+// to verify them against (see checkStoredSize).
+func (b *blob) readStored(ctx context.Context, p []byte, off int64) error {
+	if b.ctx.Err() != nil {
+		return ErrClosed
+	}
+	n, err := b.be.ReadAt(ctx, p, off)
+	b.backendReads.Add(1)
+	b.backendBytes.Add(int64(n))
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("blobcache: blob %s: reading [%d, +%d): %w", b.id, off, len(p), err)
+}
+
+// readMem fills p with [off, off+len(p)) of a memory-only cache: the units
+// kept in memory, and those fetched (and verified) now for the rest.
+func (b *blob) readMem(ctx context.Context, p []byte, off int64) error {
+	end := off + int64(len(p))
+	lo, hi := b.lay.span(off, end)
+	ids := b.lay.order[lo:hi]
+	got := make([][]byte, len(ids))
+	missing := b.mem.getAll(b, ids, got)
+	if missing > 0 {
+		b.foreground.Add(1)
+		defer b.foreground.Add(-1)
+		pos := make(map[uint32]int, missing)
+		for i, id := range ids {
+			pos[id] = i
+		}
+		var err error
+		failures := 0
+		// Each round fetches what is missing; a unit evicted between the
+		// check and the copy (the LRU is shared) only costs another round.
+		for round := 0; missing > 0 && failures < b.opts.FetchAttempts && round < b.opts.FetchAttempts+4; round++ {
+			want := make([]uint32, 0, missing)
+			for i, d := range got {
+				if d == nil {
+					want = append(want, ids[i])
+				}
+			}
+			waits, serr := b.startFetches(want)
+			if serr != nil {
+				return serr
+			}
+			for _, f := range waits {
+				select {
+				case <-f.done:
+				case <-ctx.Done():
+					return fmt.Errorf("blobcache: blob %s: %w", b.id, ctx.Err())
+				case <-b.ctx.Done():
+					return ErrClosed
+				}
+				if f.err != nil {
+					if err == nil {
+						err = f.err
+					}
+					failures++
+				}
+				for k, id := range f.units {
+					if i, ok := pos[id]; ok && got[i] == nil && f.data[k] != nil {
+						got[i] = f.data[k]
+					}
+				}
+			}
+			missing = b.mem.getAll(b, ids, got)
+		}
+		if missing > 0 {
+			if err == nil {
+				err = fmt.Errorf("blobcache: blob %s: range [%d, %d) not filled", b.id, off, end)
+			}
+			return err
+		}
+	}
+	clear(p) // holes between chunks read as zeros
+	for i, id := range ids {
+		u := &b.lay.units[id]
+		ulo, uhi := max(off, int64(u.uoff)), min(end, int64(u.uoff)+int64(u.usize))
+		copy(p[ulo-off:uhi-off], got[i][ulo-int64(u.uoff):uhi-int64(u.uoff)])
+	}
+	return nil
+}
+
+// Fetch makes sure [off, off+n) of the uncompressed space is cached (in a
+// memory-only cache: fetched and verified once; the LRU may drop it).
+func (h *Handle) Fetch(ctx context.Context, off, n int64) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	b := h.b
 	if off < 0 || n < 0 || off > b.lay.size || n > b.lay.size-off {
 		return fmt.Errorf("blobcache: blob %s: fetch [%d, +%d) outside %d bytes", b.id, off, n, b.lay.size)
 	}
@@ -308,7 +510,7 @@ func (b *Blob) Fetch(ctx context.Context, off, n int64) error {
 // ensure makes every unit overlapping [off, end) ready, fetching the
 // missing ones (or joining fetches in flight) and trying failed ones again
 // up to FetchAttempts times.
-func (b *Blob) ensure(ctx context.Context, off, end int64, foreground bool) error {
+func (b *blob) ensure(ctx context.Context, off, end int64, foreground bool) error {
 	lo, hi := b.lay.span(off, end)
 	if b.allReady(lo, hi) {
 		return nil
@@ -348,7 +550,7 @@ func (b *Blob) ensure(ctx context.Context, off, end int64, foreground bool) erro
 
 // startFetches starts fetches for the units of ids that are neither ready
 // nor being fetched, and returns every fetch the caller must wait for.
-func (b *Blob) startFetches(ids []uint32) ([]*fetch, error) {
+func (b *blob) startFetches(ids []uint32) ([]*fetch, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -370,6 +572,9 @@ func (b *Blob) startFetches(ids []uint32) ([]*fetch, error) {
 	}
 	for _, g := range b.group(missing) {
 		f := &fetch{units: g, done: make(chan struct{})}
+		if b.mem != nil {
+			f.data = make([][]byte, len(g))
+		}
 		for _, id := range g {
 			b.inflight[id] = f
 		}
@@ -382,7 +587,7 @@ func (b *Blob) startFetches(ids []uint32) ([]*fetch, error) {
 
 // group splits units into backend requests: by stored offset, neighbours
 // at most MergeGap apart, each request at most MaxFetchSize bytes.
-func (b *Blob) group(ids []uint32) [][]uint32 {
+func (b *blob) group(ids []uint32) [][]uint32 {
 	if len(ids) == 0 {
 		return nil
 	}
@@ -405,10 +610,10 @@ func (b *Blob) group(ids []uint32) [][]uint32 {
 	return append(groups, ids[start:])
 }
 
-func (b *Blob) runFetch(f *fetch) {
+func (b *blob) runFetch(f *fetch) {
 	defer b.wg.Done()
 	ctx, cancel := context.WithTimeout(b.ctx, b.opts.FetchTimeout)
-	err := b.fetchUnits(ctx, f.units)
+	err := b.fetchUnits(ctx, f)
 	cancel()
 	if err != nil {
 		b.fetchErrors.Add(1)
@@ -439,7 +644,8 @@ func getBuf(n int) *[]byte {
 // fetchUnits reads the stored bytes of units (sorted by stored offset) in
 // one request, then decompresses, verifies, writes and marks each. A unit
 // that fails does not stop the others.
-func (b *Blob) fetchUnits(ctx context.Context, ids []uint32) error {
+func (b *blob) fetchUnits(ctx context.Context, f *fetch) error {
+	ids := f.units
 	u := b.lay.units
 	start, end := u[ids[0]].coff, uint64(0)
 	for _, id := range ids {
@@ -459,7 +665,7 @@ func (b *Blob) fetchUnits(ctx context.Context, ids []uint32) error {
 	var plain *[]byte
 	var errs []error
 	done := make([]uint32, 0, len(ids))
-	for _, id := range ids {
+	for k, id := range ids {
 		c := &u[id]
 		data := (*stored)[c.coff-start : c.coff-start+uint64(c.csize)]
 		if c.compressed {
@@ -482,6 +688,12 @@ func (b *Blob) fetchUnits(ctx context.Context, ids []uint32) error {
 			errs = append(errs, fmt.Errorf("unit %d (stored [%d, +%d)): %w", id, c.coff, c.csize, err))
 			continue
 		}
+		if b.mem != nil {
+			kept := bytes.Clone(data) // data is a pooled buffer
+			f.data[k] = kept
+			b.mem.put(b, id, kept)
+			continue
+		}
 		if _, err := b.data.WriteAt(data, int64(c.uoff)); err != nil {
 			errs = append(errs, fmt.Errorf("unit %d: writing the cache file: %w", id, err))
 			continue
@@ -496,7 +708,7 @@ func (b *Blob) fetchUnits(ctx context.Context, ids []uint32) error {
 	return errors.Join(errs...)
 }
 
-func (b *Blob) queuePersist(ids []uint32) {
+func (b *blob) queuePersist(ids []uint32) {
 	if len(ids) == 0 {
 		return
 	}
@@ -512,7 +724,7 @@ func (b *Blob) queuePersist(ids []uint32) {
 	}
 }
 
-func (b *Blob) flusher() {
+func (b *blob) flusher() {
 	defer b.wg.Done()
 	t := time.NewTicker(b.opts.FlushInterval)
 	defer t.Stop()
@@ -523,15 +735,18 @@ func (b *Blob) flusher() {
 		case <-t.C:
 		case <-b.flushKick:
 		}
-		if err := b.Flush(); err != nil {
+		if err := b.flush(); err != nil {
 			b.log.Error().Err(err).Msg("flushing the cache")
 		}
 	}
 }
 
 // Flush makes the units fetched so far durable: it syncs the data file,
-// then records their ready bits in the map and syncs it.
-func (b *Blob) Flush() error {
+// then records their ready bits in the map and syncs it. (A memory-only
+// cache has nothing to flush.)
+func (h *Handle) Flush() error { return h.b.flush() }
+
+func (b *blob) flush() error {
 	b.flushMu.Lock()
 	defer b.flushMu.Unlock()
 	b.pmu.Lock()
@@ -561,9 +776,9 @@ func (b *Blob) Flush() error {
 	return nil
 }
 
-// Close stops prefetching, waits for fetches in flight, makes the cache
-// durable, closes the files and the backend, and releases the blob id.
-func (b *Blob) Close() error {
+// close stops prefetching, waits for fetches in flight, makes the cache
+// durable, and closes the files and the backend.
+func (b *blob) close() error {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -574,14 +789,14 @@ func (b *Blob) Close() error {
 	b.cancel()
 	b.pq.close()
 	b.wg.Wait()
-	errs := []error{b.Flush(), b.rmap.close(), b.data.Close()}
+	var errs []error
+	if b.mem != nil {
+		b.mem.drop(b)
+	} else {
+		errs = append(errs, b.flush(), b.rmap.close(), b.data.Close())
+	}
 	if c, ok := b.be.(io.Closer); ok {
 		errs = append(errs, c.Close())
 	}
-	b.cache.mu.Lock()
-	if b.cache.blobs[b.id] == b {
-		delete(b.cache.blobs, b.id)
-	}
-	b.cache.mu.Unlock()
 	return errors.Join(errs...)
 }

@@ -30,7 +30,7 @@ func TestRandomReads(t *testing.T) {
 				tb := makeBlob(t, comp, dig, 24, 64<<10, uint64(comp)*10+uint64(dig))
 				be := &memBackend{data: tb.stored}
 				cache := openCache(t, t.TempDir(), &blobcache.Options{MaxFetchSize: 256 << 10})
-				blob, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+				blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -90,7 +90,7 @@ func TestMergeAndDedup(t *testing.T) {
 	tb := makeBlob(t, rafs.CompressZstd, rafs.DigestBlake3, 16, 64<<10, 3)
 	be := &memBackend{data: tb.stored}
 	cache := openCache(t, t.TempDir(), &blobcache.Options{MaxFetchSize: 1 << 30})
-	blob, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestMergeAndDedup(t *testing.T) {
 	// A small MaxFetchSize splits requests.
 	cache2 := openCache(t, t.TempDir(), &blobcache.Options{MaxFetchSize: 1})
 	be2 := &memBackend{data: tb.stored}
-	blob2, err := cache2.Blob(context.Background(), be2, &tb.entry, tb.table)
+	blob2, err := cache2.OpenBlob(context.Background(), backendStore{be2}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +153,7 @@ func TestTarfs(t *testing.T) {
 	be := &memBackend{data: tb.stored}
 	dir := t.TempDir()
 	cache := openCache(t, dir, &blobcache.Options{TarfsUnitSize: 1 << 20})
-	blob, err := cache.Blob(context.Background(), be, &tb.entry, nil)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +184,7 @@ func TestTarfs(t *testing.T) {
 
 	cache2 := openCache(t, dir, &blobcache.Options{TarfsUnitSize: 1 << 20})
 	be2 := &memBackend{data: tb.stored}
-	blob2, err := cache2.Blob(context.Background(), be2, &tb.entry, nil)
+	blob2, err := cache2.OpenBlob(context.Background(), backendStore{be2}, &tb.entry, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +200,7 @@ func TestTarfs(t *testing.T) {
 	// Another unit size makes a new map: the old one is not trusted.
 	cache3 := openCache(t, dir, &blobcache.Options{TarfsUnitSize: 64 << 10})
 	be3 := &memBackend{data: tb.stored}
-	blob3, err := cache3.Blob(context.Background(), be3, &tb.entry, nil)
+	blob3, err := cache3.OpenBlob(context.Background(), backendStore{be3}, &tb.entry, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +217,7 @@ func TestBackendFaults(t *testing.T) {
 	tb := makeBlob(t, rafs.CompressLZ4Block, rafs.DigestSHA256, 8, 64<<10, 5)
 	be := &memBackend{data: tb.stored}
 	cache := openCache(t, t.TempDir(), &blobcache.Options{MaxFetchSize: 1})
-	blob, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +309,7 @@ func TestTransientFaultRetried(t *testing.T) {
 	tb := makeBlob(t, rafs.CompressZstd, rafs.DigestBlake3, 4, 32<<10, 6)
 	be := &memBackend{data: tb.stored}
 	cache := openCache(t, t.TempDir(), nil)
-	blob, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,7 +337,7 @@ func TestCacheFileDamage(t *testing.T) {
 		t.Helper()
 		cache := openCache(t, dir, nil)
 		defer cache.Close()
-		blob, err := cache.Blob(context.Background(), &memBackend{data: tb.stored}, &tb.entry, table)
+		blob, err := cache.OpenBlob(context.Background(), backendStore{&memBackend{data: tb.stored}}, &tb.entry, table)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -359,7 +359,7 @@ func TestCacheFileDamage(t *testing.T) {
 	table := append([]rafs.ChunkInfo(nil), tb.table...)
 	table[1].Digest[3] ^= 1
 	cache := openCache(t, dir, nil)
-	blob, err := cache.Blob(context.Background(), &memBackend{data: tb.stored}, &tb.entry, table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{&memBackend{data: tb.stored}}, &tb.entry, table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -422,13 +422,17 @@ func TestLockAndLifecycle(t *testing.T) {
 		t.Errorf("second Open of a locked dir: %v, want ErrLocked", err)
 	}
 	tb := makeBlob(t, rafs.CompressZstd, rafs.DigestBlake3, 2, 16<<10, 9)
-	blob, err := cache.Blob(context.Background(), &memBackend{data: tb.stored}, &tb.entry, tb.table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{&memBackend{data: tb.stored}}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cache.Blob(context.Background(), &memBackend{data: tb.stored}, &tb.entry, tb.table); err == nil {
-		t.Error("the same blob opened twice")
+	// A second open shares the blob (see TestSharedOpen); closing it
+	// leaves the first Handle working.
+	second, err := cache.OpenBlob(context.Background(), backendStore{&memBackend{data: tb.stored}}, &tb.entry, tb.table)
+	if err != nil {
+		t.Fatal(err)
 	}
+	second.Close()
 	if err := cache.Remove(tb.entry.ID()); err == nil {
 		t.Error("an open blob was removed")
 	}
@@ -483,7 +487,7 @@ func TestCloseWhileOpening(t *testing.T) {
 	}}
 	opened := make(chan error, 1)
 	go func() {
-		b, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+		b, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 		if err == nil {
 			b.Close()
 		}

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -46,6 +46,13 @@ type Options struct {
 	// AllowUnverified serves chunks that have no digest in the bootstrap
 	// or blob. Tarfs blobs never have digests and do not need it.
 	AllowUnverified bool
+	// MemoryLimit bounds the decompressed, verified units a memory-only
+	// cache (OpenMemory) keeps, over all its blobs (default 128 MiB: a few
+	// hundred chunks, enough for sequential readers and a hot working
+	// set, small beside the page cache). The units a read is waiting for
+	// are always kept until it copied them, so a read larger than the
+	// limit still succeeds.
+	MemoryLimit int64
 	// Logger receives prefetch and flush problems; nil discards them.
 	Logger *zerolog.Logger
 }
@@ -74,20 +81,46 @@ func (o *Options) fill() {
 	if o.PrefetchWorkers <= 0 {
 		o.PrefetchWorkers = 1
 	}
+	if o.MemoryLimit <= 0 {
+		o.MemoryLimit = DefaultMemoryLimit
+	}
 	if o.Logger == nil {
 		nop := zerolog.Nop()
 		o.Logger = &nop
 	}
 }
 
-// Cache is a locked cache directory holding the cached blobs.
-type Cache struct {
-	dir  string
-	opts Options
-	lock *os.File
+// DefaultMemoryLimit is Options.MemoryLimit's default.
+const DefaultMemoryLimit = 128 << 20
 
-	mu    sync.Mutex
-	blobs map[string]*Blob // open blobs by id
+// Cache hands out Handles onto blobs: disk-backed (Open, a locked cache
+// directory whose contents survive restarts) or memory-only (OpenMemory, a
+// bounded LRU of verified units). The blobs open in a Cache are shared:
+// opening an open blob id again returns another Handle onto the same blob,
+// which is closed when its last Handle is.
+type Cache struct {
+	dir  string     // "" for a memory-only cache
+	mem  *memUnits  // memory-only: the units kept
+	opts Options
+	lock *os.File   // disk-backed: the flock'ed lock file
+
+	mu     sync.Mutex
+	closed bool
+	blobs  map[string]*openBlob // by id: open, being opened, or being closed
+
+	opens atomic.Int64 // blobs really opened, for Stats
+}
+
+// openBlob is a Cache's record of one blob id. ready is closed once b or
+// err is set; gone is set when the last Handle went (or the Cache closed)
+// and is closed when b is closed, so that a new open waits for the old
+// one's files to be released.
+type openBlob struct {
+	b     *blob
+	err   error
+	ready chan struct{}
+	refs  int // Handles, and openers waiting on ready
+	gone  chan struct{}
 }
 
 // File name suffixes of a cached blob and the lock file.
@@ -101,7 +134,8 @@ const (
 // ErrLocked is returned by Open when another process holds the cache.
 var ErrLocked = errors.New("cache directory is in use by another process")
 
-// ErrClosed is returned by reads of a closed Blob.
+// ErrClosed is returned by reads of a closed Handle, or of a blob whose
+// Cache was closed.
 var ErrClosed = errors.New("blobcache: blob is closed")
 
 // Open opens (creating it with mode 0750 if needed) and locks the cache
@@ -129,27 +163,74 @@ func Open(dir string, opts *Options) (*Cache, error) {
 		}
 		return nil, fmt.Errorf("blobcache: lock %s: %w", dir, err)
 	}
-	return &Cache{dir: dir, opts: o, lock: lock, blobs: map[string]*Blob{}}, nil
+	return &Cache{dir: dir, opts: o, lock: lock, blobs: map[string]*openBlob{}}, nil
 }
 
-// Dir is the cache directory.
+// OpenMemory returns a memory-only cache: nothing is written to disk, and
+// a blob's decompressed and verified units are kept in an LRU bounded by
+// Options.MemoryLimit (shared by all its blobs). Every unit is checked
+// exactly as in a disk-backed cache before it is served. Tarfs units have
+// nothing to decompress or verify, so they are read from the backend at
+// each read instead of being copied into memory. opts may be nil.
+func OpenMemory(opts *Options) (*Cache, error) {
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	o.fill()
+	return &Cache{opts: o, mem: newMemUnits(o.MemoryLimit), blobs: map[string]*openBlob{}}, nil
+}
+
+// Dir is the cache directory, "" for a memory-only cache.
 func (c *Cache) Dir() string { return c.dir }
 
-// Close closes the blobs still open and releases the directory lock.
+// CacheStats are a Cache's counters.
+type CacheStats struct {
+	Opens       int64 // blobs opened since the Cache was (each shared open counts once)
+	OpenBlobs   int   // blobs open now
+	Handles     int   // Handles open now, over all blobs
+	MemoryBytes int64 // memory-only: bytes of units kept
+}
+
+// Stats returns the cache's counters.
+func (c *Cache) Stats() CacheStats {
+	c.mu.Lock()
+	st := CacheStats{Opens: c.opens.Load()}
+	for _, ob := range c.blobs {
+		if ob.b != nil && ob.gone == nil {
+			st.OpenBlobs++
+			st.Handles += ob.refs
+		}
+	}
+	c.mu.Unlock()
+	if c.mem != nil {
+		st.MemoryBytes = c.mem.bytes()
+	}
+	return st
+}
+
+// Close closes every blob still open (their Handles then fail with
+// ErrClosed) and releases the directory lock.
 func (c *Cache) Close() error {
 	c.mu.Lock()
-	open := make([]*Blob, 0, len(c.blobs))
-	for _, b := range c.blobs {
-		if b != nil { // nil: still being opened by Blob, which then fails
-			open = append(open, b)
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true // OpenBlob refuses to open anything from now on
+	var open []*openBlob
+	for _, ob := range c.blobs {
+		if ob.b != nil && ob.gone == nil { // b nil: still opening, and then fails
+			ob.gone = make(chan struct{})
+			open = append(open, ob)
 		}
 	}
 	lock := c.lock
-	c.lock = nil // Blob refuses to open anything from now on
+	c.lock = nil
 	c.mu.Unlock()
 	var errs []error
-	for _, b := range open {
-		errs = append(errs, b.Close())
+	for _, ob := range open {
+		errs = append(errs, c.closeBlob(ob))
 	}
 	if lock != nil {
 		errs = append(errs, lock.Close()) // closing drops the flock
@@ -157,24 +238,115 @@ func (c *Cache) Close() error {
 	return errors.Join(errs...)
 }
 
+// closeBlob closes ob's blob, whose gone channel is set, and forgets it.
+func (c *Cache) closeBlob(ob *openBlob) error {
+	err := ob.b.close()
+	c.mu.Lock()
+	if c.blobs[ob.b.id] == ob {
+		delete(c.blobs, ob.b.id)
+	}
+	c.mu.Unlock()
+	close(ob.gone)
+	return err
+}
+
+// release drops one reference to ob and closes its blob after the last.
+func (c *Cache) release(ob *openBlob) error {
+	c.mu.Lock()
+	ob.refs--
+	last := ob.refs == 0 && ob.b != nil && ob.gone == nil
+	if last {
+		ob.gone = make(chan struct{})
+	}
+	c.mu.Unlock()
+	if !last {
+		return nil
+	}
+	return c.closeBlob(ob)
+}
+
 func (c *Cache) path(id, suffix string) string { return filepath.Join(c.dir, id+suffix) }
 
-// OpenBlob opens blob e's backend from store and then the cached blob, as
-// Blob does; the backend is closed again if that fails.
-func (c *Cache) OpenBlob(ctx context.Context, store Store, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*Blob, error) {
-	be, err := store.Open(ctx, e.ID())
-	if err != nil {
+// OpenBlob returns a Handle onto blob e, whose stored bytes store holds.
+// If the blob is open in this Cache already (another image uses the same
+// layer), the Handle shares it, and store is not asked; e and chunkTable
+// must then agree with what the blob was opened with. Otherwise the
+// backend is opened from store, its size checked against e, and the
+// blob's layout read (from the backend the first time, from the cache
+// directory after that).
+//
+// chunkTable is the bootstrap's chunk table (rafs.Image.ChunkTable), where
+// chunk digests are looked up by e's blob index; it may be nil for tarfs
+// blobs and blobs with inline digests. ctx bounds the open, not the Handle.
+func (c *Cache) OpenBlob(ctx context.Context, store Store, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (*Handle, error) {
+	id := e.ID()
+	if err := CheckBlobID(id); err != nil {
 		return nil, err
 	}
-	b, err := c.Blob(ctx, be, e, chunkTable)
-	if err != nil {
-		if cl, ok := be.(io.Closer); ok {
-			cl.Close()
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, fmt.Errorf("blobcache: blob %s: %w", id, errCacheClosed)
 		}
-		return nil, err
+		ob := c.blobs[id]
+		if ob != nil && ob.gone != nil { // closing: wait until its files are released
+			gone := ob.gone
+			c.mu.Unlock()
+			select {
+			case <-gone:
+				continue
+			case <-ctx.Done():
+				return nil, fmt.Errorf("blobcache: blob %s: %w", id, ctx.Err())
+			}
+		}
+		if ob != nil {
+			ob.refs++
+			c.mu.Unlock()
+			select {
+			case <-ob.ready:
+			case <-ctx.Done():
+				c.release(ob)
+				return nil, fmt.Errorf("blobcache: blob %s: %w", id, ctx.Err())
+			}
+			if ob.err != nil {
+				return nil, ob.err
+			}
+			if err := ob.b.compatible(e, chunkTable); err != nil {
+				c.release(ob)
+				return nil, fmt.Errorf("blobcache: blob %s is open already, %w", id, err)
+			}
+			return &Handle{c: c, ob: ob, b: ob.b}, nil
+		}
+		ob = &openBlob{ready: make(chan struct{}), refs: 1}
+		c.blobs[id] = ob
+		c.mu.Unlock()
+
+		b, err := c.openBlob(ctx, store, e, chunkTable)
+		var late *blob
+		c.mu.Lock()
+		if err == nil && c.closed { // Close ran meanwhile and did not see b
+			late, b, err = b, nil, errCacheClosed
+		}
+		if err != nil {
+			err = fmt.Errorf("blobcache: blob %s: %w", id, err)
+			delete(c.blobs, id)
+		}
+		ob.b, ob.err = b, err
+		c.mu.Unlock()
+		close(ob.ready)
+		if late != nil {
+			late.close()
+		}
+		if err != nil {
+			return nil, err
+		}
+		c.opens.Add(1)
+		return &Handle{c: c, ob: ob, b: b}, nil
 	}
-	return b, nil
 }
+
+var errCacheClosed = errors.New("the cache is closed")
 
 // Entry describes one cached blob as found on disk.
 type Entry struct {
@@ -183,7 +355,7 @@ type Entry struct {
 	Units      int       // chunks, or tarfs units
 	ReadyUnits int       // units cached (durably)
 	DiskUsage  int64     // bytes allocated by the blob's files
-	LastUsed   time.Time // when a Blob was last opened for it
+	LastUsed   time.Time // when the blob was last opened
 	Open       bool      // open in this Cache (List from outside says false)
 	Err        error     // why the entry could not be read, if it could not
 }
@@ -240,7 +412,11 @@ func describe(dir, id string) Entry {
 }
 
 // List describes the blobs in the cache directory, marking the open ones.
+// A memory-only cache lists nothing.
 func (c *Cache) List() ([]Entry, error) {
+	if c.dir == "" {
+		return nil, nil
+	}
 	ents, err := List(c.dir)
 	if err != nil {
 		return nil, err
@@ -248,7 +424,8 @@ func (c *Cache) List() ([]Entry, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i := range ents {
-		_, ents[i].Open = c.blobs[ents[i].ID]
+		ob := c.blobs[ents[i].ID]
+		ents[i].Open = ob != nil
 	}
 	return ents, nil
 }
@@ -257,6 +434,9 @@ func (c *Cache) List() ([]Entry, error) {
 func (c *Cache) Remove(id string) error {
 	if err := CheckBlobID(id); err != nil {
 		return err
+	}
+	if c.dir == "" {
+		return errors.New("blobcache: a memory-only cache has no files to remove")
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -285,6 +465,9 @@ type GCOptions struct {
 // GC removes cached blobs as opts say, never open ones, and returns what
 // it removed.
 func (c *Cache) GC(opts GCOptions) ([]Entry, error) {
+	if c.dir == "" {
+		return nil, nil
+	}
 	names, err := os.ReadDir(c.dir)
 	if err != nil {
 		return nil, fmt.Errorf("blobcache: %w", err)

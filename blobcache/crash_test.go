@@ -93,7 +93,7 @@ func TestCrashChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	blob, err := cache.Blob(context.Background(), slowBackend{be, 3 * time.Millisecond}, &e, table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{slowBackend{be, 3 * time.Millisecond}}, &e, table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +220,7 @@ func TestCrashDuringReads(t *testing.T) {
 	}
 	cache := openCache(t, filepath.Join(dir, "cache"), &blobcache.Options{MergeGap: -1})
 	be := &memBackend{data: tb.stored}
-	blob, err := cache.Blob(context.Background(), be, &tb.entry, tb.table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{be}, &tb.entry, tb.table)
 	if err != nil {
 		t.Fatal(err)
 	}

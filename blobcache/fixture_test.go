@@ -55,7 +55,7 @@ func TestNydusFixture(t *testing.T) {
 
 	cache := openCache(t, dir, nil)
 	be := openCounted(t, store, fixtureBlobID)
-	blob, err := cache.Blob(ctx, be, &img.Blobs[0], img.ChunkTable)
+	blob, err := cache.OpenBlob(ctx, backendStore{be}, &img.Blobs[0], img.ChunkTable)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestNydusFixture(t *testing.T) {
 	// a single backend read, layout included.
 	cache2 := openCache(t, dir, nil)
 	be2 := openCounted(t, store, fixtureBlobID)
-	blob2, err := cache2.Blob(ctx, be2, &img.Blobs[0], img.ChunkTable)
+	blob2, err := cache2.OpenBlob(ctx, backendStore{be2}, &img.Blobs[0], img.ChunkTable)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +140,7 @@ func TestNydusFixtureDigestsChecked(t *testing.T) {
 	}
 	bad.Digest[0] ^= 1
 	cache := openCache(t, t.TempDir(), nil)
-	blob, err := cache.Blob(context.Background(), openCounted(t, store, fixtureBlobID), &img.Blobs[0], table)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{openCounted(t, store, fixtureBlobID)}, &img.Blobs[0], table)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +163,7 @@ func TestNydusFixtureDigestsChecked(t *testing.T) {
 func TestNydusFixtureInlineDigests(t *testing.T) {
 	img, store := openFixture(t)
 	cache := openCache(t, t.TempDir(), nil)
-	blob, err := cache.Blob(context.Background(), openCounted(t, store, fixtureBlobID), &img.Blobs[0], nil)
+	blob, err := cache.OpenBlob(context.Background(), backendStore{openCounted(t, store, fixtureBlobID)}, &img.Blobs[0], nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +175,7 @@ func TestNydusFixtureInlineDigests(t *testing.T) {
 	// A blob entry whose ToC digest does not match refuses to open.
 	e := img.Blobs[0]
 	e.TOCDigest[5] ^= 0x40
-	_, err = cache.Blob(context.Background(), openCounted(t, store, fixtureBlobID), &e, nil)
+	_, err = cache.OpenBlob(context.Background(), backendStore{openCounted(t, store, fixtureBlobID)}, &e, nil)
 	if err == nil {
 		t.Fatal("blob with a wrong ToC digest opened")
 	}

@@ -220,3 +220,28 @@ func openCache(t testing.TB, dir string, opts *blobcache.Options) *blobcache.Cac
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// backendStore is a Store of one backend, whatever the id: for tests that
+// build the backend themselves.
+type backendStore struct{ be blobcache.Backend }
+
+func (s backendStore) Open(context.Context, string) (blobcache.Backend, error) { return s.be, nil }
+
+// plainSpace is the reference uncompressed space of a blob: every chunk
+// decompressed at its uncompressed offset, zeros between, no cache.
+func plainSpace(t testing.TB, stored []byte, e *rafs.BlobEntry, chunks []rafs.BlobChunk) []byte {
+	t.Helper()
+	space := make([]byte, e.UncompressedSize)
+	for i, c := range chunks {
+		data := stored[c.CompressedOffset : c.CompressedOffset+uint64(c.CompressedSize)]
+		if c.Compressed() {
+			plain := make([]byte, c.UncompressedSize)
+			if err := rafs.Decompress(e.Compressor, plain, data); err != nil {
+				t.Fatalf("chunk %d: %v", i, err)
+			}
+			data = plain
+		}
+		copy(space[c.UncompressedOffset:], data)
+	}
+	return space
+}

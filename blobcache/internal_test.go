@@ -47,7 +47,7 @@ func TestMergeRanges(t *testing.T) {
 }
 
 func TestGroup(t *testing.T) {
-	b := &Blob{opts: &Options{MaxFetchSize: 100, MergeGap: 10}, lay: &layout{units: []unit{
+	b := &blob{opts: &Options{MaxFetchSize: 100, MergeGap: 10}, lay: &layout{units: []unit{
 		{coff: 0, csize: 40}, {coff: 40, csize: 40}, {coff: 80, csize: 40}, // 3rd would exceed 100
 		{coff: 125, csize: 10},  // gap 5 from 120: merged with the 3rd
 		{coff: 200, csize: 10},  // gap 65: new request

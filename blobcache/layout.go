@@ -1,7 +1,6 @@
 package blobcache
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -273,6 +272,31 @@ func (l *layout) digestsFromTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) err
 	return nil
 }
 
+// checkTable checks a chunk table given by a later opener of the blob
+// against the layout: every entry of e's blob names a chunk at the place
+// and with the digest the layout has, so no image is served bytes checked
+// against digests other than its own.
+func (l *layout) checkTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) error {
+	for i := range table {
+		c := &table[i]
+		if c.BlobIndex != e.BlobIndex {
+			continue
+		}
+		if c.Index >= uint32(len(l.units)) {
+			return fmt.Errorf("chunk table entry %d: chunk-info index %d beyond the blob's %d chunks", i, c.Index, len(l.units))
+		}
+		u := &l.units[c.Index]
+		if c.UncompressedOffset != u.uoff || c.UncompressedSize != u.usize ||
+			c.CompressedOffset != u.coff || c.CompressedSize != u.csize {
+			return fmt.Errorf("chunk table entry %d (chunk %d) places it elsewhere than the image the blob was opened for", i, c.Index)
+		}
+		if !u.hasDigest || u.digest != c.Digest {
+			return fmt.Errorf("chunk table entry %d (chunk %d) has another digest than the image the blob was opened for", i, c.Index)
+		}
+	}
+	return nil
+}
+
 func (l *layout) missingDigests() int {
 	n := 0
 	for i := range l.units {
@@ -282,15 +306,6 @@ func (l *layout) missingDigests() int {
 	}
 	return n
 }
-
-// The blob ToC (§11): 128-byte entries at the blob's tail, followed by a
-// 512-byte tar header when the blob has HAS_TAR_HEADER.
-const (
-	tocEntrySize        = 128
-	tarHeaderSize       = 512
-	tocFlagUncompressed = 0x1
-	digestSectionName   = "blob.digest"
-)
 
 // readDigestSection reads the blob's chunk digest array (32 bytes per
 // chunk in chunk-info order) through the ToC. The ToC is checked against
@@ -307,39 +322,27 @@ func readDigestSection(blob io.ReaderAt, e *rafs.BlobEntry) ([][32]byte, error) 
 	if _, err := blob.ReadAt(toc, int64(e.CompressedSize-uint64(e.TOCSize))); err != nil {
 		return nil, fmt.Errorf("reading the ToC: %w", err)
 	}
-	if sum := sha256.Sum256(toc); sum != e.TOCDigest {
-		return nil, fmt.Errorf("ToC sha256 %x, the blob table says %x", sum, e.TOCDigest)
+	ents, err := rafs.DecodeBlobTOC(e, toc)
+	if err != nil {
+		return nil, err
 	}
-	if e.Features&rafs.BlobFeatureHasTarHeader != 0 {
-		if len(toc) < tarHeaderSize {
-			return nil, fmt.Errorf("ToC of %d bytes has no room for its tar header", len(toc))
-		}
-		toc = toc[:len(toc)-tarHeaderSize]
-	}
-	for off := 0; off+tocEntrySize <= len(toc); off += tocEntrySize {
-		ent := toc[off : off+tocEntrySize]
-		name := string(bytes.TrimRight(ent[8:24], "\x00"))
-		if name != digestSectionName {
+	for _, t := range ents {
+		if t.Name != rafs.BlobTOCDigestSection {
 			continue
 		}
-		flags := binary.LittleEndian.Uint32(ent[0:])
-		var want [32]byte
-		copy(want[:], ent[24:56])
-		coff := binary.LittleEndian.Uint64(ent[56:])
-		csize := binary.LittleEndian.Uint64(ent[64:])
-		usize := binary.LittleEndian.Uint64(ent[72:])
-		if flags != tocFlagUncompressed || csize != usize {
-			return nil, fmt.Errorf("ToC entry %s: compressed sections (flags %#x) are not supported", name, flags)
+		coff, csize := t.CompressedOffset, t.CompressedSize
+		if t.Flags != rafs.BlobTOCFlagUncompressed || csize != t.UncompressedSize {
+			return nil, fmt.Errorf("ToC entry %s: compressed sections (flags %#x) are not supported", t.Name, t.Flags)
 		}
 		if csize != uint64(e.ChunkCount)*32 || coff > e.CompressedSize || csize > e.CompressedSize-coff {
-			return nil, fmt.Errorf("ToC entry %s: [%d, +%d) does not hold %d digests inside the blob", name, coff, csize, e.ChunkCount)
+			return nil, fmt.Errorf("ToC entry %s: [%d, +%d) does not hold %d digests inside the blob", t.Name, coff, csize, e.ChunkCount)
 		}
 		sec := make([]byte, csize)
 		if _, err := blob.ReadAt(sec, int64(coff)); err != nil {
 			return nil, fmt.Errorf("reading the digest section: %w", err)
 		}
-		if sum := sha256.Sum256(sec); sum != want {
-			return nil, fmt.Errorf("digest section sha256 %x, the ToC says %x", sum, want)
+		if sum := sha256.Sum256(sec); sum != t.Digest {
+			return nil, fmt.Errorf("digest section sha256 %x, the ToC says %x", sum, t.Digest)
 		}
 		digests := make([][32]byte, e.ChunkCount)
 		for i := range digests {
@@ -347,5 +350,5 @@ func readDigestSection(blob io.ReaderAt, e *rafs.BlobEntry) ([][32]byte, error) 
 		}
 		return digests, nil
 	}
-	return nil, fmt.Errorf("the blob's ToC has no %s entry", digestSectionName)
+	return nil, fmt.Errorf("the blob's ToC has no %s entry", rafs.BlobTOCDigestSection)
 }

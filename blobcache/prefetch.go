@@ -50,7 +50,13 @@ const yieldPoll = 5 * time.Millisecond
 // a time, and none while foreground reads wait for fetches. It returns at
 // once; WaitPrefetch waits for the queue to drain. Failures are logged and
 // counted in Stats.PrefetchErrors; a later read simply tries again.
-func (b *Blob) Prefetch(ranges ...Range) {
+// The queue belongs to the blob, shared by its Handles. A memory-only
+// cache does not prefetch: its bound would evict what prefetch filled.
+func (h *Handle) Prefetch(ranges ...Range) {
+	b := h.b
+	if b.mem != nil || h.closed.Load() {
+		return
+	}
 	q := &b.pq
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -82,10 +88,11 @@ func (b *Blob) Prefetch(ranges ...Range) {
 }
 
 // PrefetchAll queues the whole blob (rafsnbd's --prefetch-all).
-func (b *Blob) PrefetchAll() { b.Prefetch(Range{0, b.lay.size}) }
+func (h *Handle) PrefetchAll() { h.Prefetch(Range{0, h.b.lay.size}) }
 
 // WaitPrefetch waits until every queued prefetch piece was tried.
-func (b *Blob) WaitPrefetch(ctx context.Context) error {
+func (h *Handle) WaitPrefetch(ctx context.Context) error {
+	b := h.b
 	b.pq.mu.Lock()
 	idle := b.pq.idle
 	b.pq.mu.Unlock()
@@ -99,7 +106,7 @@ func (b *Blob) WaitPrefetch(ctx context.Context) error {
 	}
 }
 
-func (b *Blob) prefetchWorker() {
+func (b *blob) prefetchWorker() {
 	defer b.wg.Done()
 	q := &b.pq
 	for {
@@ -131,7 +138,7 @@ func (b *Blob) prefetchWorker() {
 	}
 }
 
-func (b *Blob) prefetchPiece(r Range) {
+func (b *blob) prefetchPiece(r Range) {
 	// Low priority: let waiting foreground reads have the backend first.
 	for b.foreground.Load() > 0 {
 		select {

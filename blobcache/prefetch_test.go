@@ -59,7 +59,7 @@ func TestPrefetch(t *testing.T) {
 	}
 	cb := &countingBackend{Backend: be}
 	cache := openCache(t, t.TempDir(), nil)
-	blob, err := cache.Blob(ctx, cb, &img.Blobs[0], img.ChunkTable)
+	blob, err := cache.OpenBlob(ctx, backendStore{cb}, &img.Blobs[0], img.ChunkTable)
 	if err != nil {
 		t.Fatal(err)
 	}

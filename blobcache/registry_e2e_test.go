@@ -296,10 +296,9 @@ func TestRegistryLazy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := rafs.NewUncompressedReader(bytes.NewReader(blobData), &img.Blobs[0], chunks)
-	want := readAll(t, ref, ref.Size(), 1<<20)
+	want := plainSpace(t, blobData, &img.Blobs[0], chunks)
 	if all := readAll(t, blob, blob.Size(), 1<<20); !bytes.Equal(all, want) {
-		t.Fatal("uncompressed space differs from rafs.UncompressedReader's")
+		t.Fatal("uncompressed space differs from the chunks decompressed")
 	}
 	st := blob.Stats()
 	t.Logf("after reading everything: %d backend requests, %d stored bytes (blob %d), %d proxy requests", st.BackendReads, st.BackendBytes, len(blobData), px.requests.Load())
@@ -319,12 +318,12 @@ func TestRegistryFaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := rafs.NewUncompressedReader(bytes.NewReader(blobData), &img.Blobs[0], chunks)
+	ref := bytes.NewReader(plainSpace(t, blobData, &img.Blobs[0], chunks))
 	if len(chunks) < 3 {
 		t.Fatalf("%d chunks, want at least 3", len(chunks))
 	}
 	victim, other := chunks[1], chunks[2]
-	read := func(blob *blobcache.Blob, c rafs.BlobChunk) error {
+	read := func(blob *blobcache.Handle, c rafs.BlobChunk) error {
 		p := make([]byte, c.UncompressedSize)
 		if _, err := blob.ReadAt(p, int64(c.UncompressedOffset)); err != nil {
 			return err
@@ -338,7 +337,7 @@ func TestRegistryFaults(t *testing.T) {
 		}
 		return nil
 	}
-	ropts := registry.Options{Timeout: 300 * time.Millisecond, Retries: 2, Backoff: 5 * time.Millisecond}
+	ropts := registry.Options{StallTimeout: 300 * time.Millisecond, Retries: 2, Backoff: 5 * time.Millisecond}
 	for _, kind := range []string{"503", "reset", "truncate", "stall", "corrupt"} {
 		for _, persistent := range []bool{false, true} {
 			name := kind + "/transient"

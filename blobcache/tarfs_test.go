@@ -71,7 +71,7 @@ func TestTarfsImage(t *testing.T) {
 			t.Fatal(err)
 		}
 		cb := &countingBackend{Backend: be}
-		blob, err := cache.Blob(ctx, cb, &img.Blobs[0], img.ChunkTable)
+		blob, err := cache.OpenBlob(ctx, backendStore{cb}, &img.Blobs[0], img.ChunkTable)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,19 +1,17 @@
 package rafs
 
 import (
-	"container/list"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"math/bits"
-	"sort"
-	"sync"
-
-	"github.com/rafsnbd/rafsnbd/internal/readat"
 )
 
-// Blob-side parsing (§11): a data blob's chunk-info array and the
-// uncompressed address space it describes.
+// Blob-side parsing (§11): a data blob's chunk-info array and its ToC.
+// Serving a blob's uncompressed space (decompression, digest checks,
+// caching) is package blobcache's job; rafs only decodes.
 
 // ciFeatureMask are the blob features that change how the chunk-info array
 // is decoded; the blob meta header must agree with the blob table on them.
@@ -164,164 +162,31 @@ func readBlob(r io.ReaderAt, off, n uint64, s, what string) ([]byte, error) {
 	return nil, fmt.Errorf("rafs: %s: reading %s at %d: %w", s, what, off, err)
 }
 
-// maxCachedChunkBytes bounds the decompressed chunks an UncompressedReader
-// keeps; at least the most recent chunk is always kept, so sequential
-// reads decompress each chunk once.
-const maxCachedChunkBytes = 32 << 20
-
-// UncompressedReader serves a blob's uncompressed address space (§11):
-// each chunk's bytes at its uncompressed offset, zeros between chunks and
-// up to the blob's uncompressed size. Chunks are read from the blob and
-// decompressed as reads touch them, and a few recent ones are cached.
-// Tarfs blobs are served as they are. It is safe for concurrent use.
-type UncompressedReader struct {
-	blob   io.ReaderAt
-	comp   Compressor
-	size   int64
-	direct bool
-	chunks []BlobChunk // sorted by uncompressed offset
-
-	mu       sync.Mutex
-	lru      *list.List            // of *cachedChunk, most recent first
-	cached   map[int]*list.Element // chunk position → lru element
-	inflight map[int]*chunkFetch
-	bytes    int
-}
-
-type cachedChunk struct {
-	pos  int
-	data []byte
-}
-
-type chunkFetch struct {
-	done chan struct{}
-	data []byte
-	err  error
-}
-
-// NewUncompressedReader returns a reader of blob e's uncompressed space,
-// whose raw bytes are in blob. chunks must come from ReadBlobChunks(blob,
-// e) and are nil for a tarfs blob, which is passed through.
-func NewUncompressedReader(blob io.ReaderAt, e *BlobEntry, chunks []BlobChunk) *UncompressedReader {
-	size := int64(min(e.UncompressedSize, maxBlobUncompressedSize))
-	sorted := append([]BlobChunk(nil), chunks...)
-	sort.SliceStable(sorted, func(i, j int) bool { return sorted[i].UncompressedOffset < sorted[j].UncompressedOffset })
-	return &UncompressedReader{
-		blob:     blob,
-		comp:     e.Compressor,
-		size:     size,
-		direct:   e.IsTarfs(),
-		chunks:   sorted,
-		lru:      list.New(),
-		cached:   map[int]*list.Element{},
-		inflight: map[int]*chunkFetch{},
+// DecodeBlobTOC decodes the ToC of blob e from its last e.TOCSize bytes,
+// which must hash to e.TOCDigest; the tar header that follows the entries
+// in a HAS_TAR_HEADER blob is skipped. Errors name the ToC's offset in the
+// blob.
+func DecodeBlobTOC(e *BlobEntry, toc []byte) ([]BlobTOCEntry, error) {
+	s := fmt.Sprintf("blob %s ToC", e.ID())
+	off := int64(e.CompressedSize) - int64(len(toc))
+	if uint64(len(toc)) != uint64(e.TOCSize) {
+		return nil, formatErr(off, s, "blob_toc_size", e.TOCSize, "have %d bytes", len(toc))
 	}
-}
-
-// Size is the blob's uncompressed size.
-func (r *UncompressedReader) Size() int64 { return r.size }
-
-// ReadAt reads from the uncompressed space, following io.ReaderAt.
-func (r *UncompressedReader) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("rafs: negative offset %d", off)
+	if sum := sha256.Sum256(toc); sum != e.TOCDigest {
+		return nil, formatErr(off, s, "blob_toc_digest", hex.EncodeToString(e.TOCDigest[:]), "the ToC's sha256 is %x", sum)
 	}
-	if off >= r.size {
-		if len(p) == 0 {
-			return 0, nil
+	if e.Features&BlobFeatureHasTarHeader != 0 {
+		if len(toc) < BlobTOCTarHeaderSize {
+			return nil, formatErr(off, s, "blob_toc_size", e.TOCSize, "no room for the ToC's %d-byte tar header", BlobTOCTarHeaderSize)
 		}
-		return 0, io.EOF
+		toc = toc[:len(toc)-BlobTOCTarHeaderSize]
 	}
-	n := int(min(int64(len(p)), r.size-off))
-	var err error
-	if r.direct {
-		var got int
-		if got, err = readat.Full(r.blob, p[:n], off); err != nil {
-			return got, fmt.Errorf("rafs: tarfs blob shorter than its uncompressed size %d: %w", r.size, err)
-		}
-	} else if err = r.fill(p[:n], uint64(off)); err != nil {
-		return 0, err
+	if len(toc)%BlobTOCEntrySize != 0 {
+		return nil, formatErr(off, s, "blob_toc_size", e.TOCSize, "not whole %d-byte entries", BlobTOCEntrySize)
 	}
-	if n < len(p) {
-		return n, io.EOF
+	out := make([]BlobTOCEntry, len(toc)/BlobTOCEntrySize)
+	for i := range out {
+		out[i].Decode(toc[i*BlobTOCEntrySize:])
 	}
-	return n, nil
-}
-
-// fill writes the uncompressed bytes [off, off+len(p)) into p.
-func (r *UncompressedReader) fill(p []byte, off uint64) error {
-	clear(p)
-	end := off + uint64(len(p))
-	i := sort.Search(len(r.chunks), func(i int) bool {
-		c := &r.chunks[i]
-		return c.UncompressedOffset+uint64(c.UncompressedSize) > off
-	})
-	for ; i < len(r.chunks) && r.chunks[i].UncompressedOffset < end; i++ {
-		c := &r.chunks[i]
-		data, err := r.chunkData(i)
-		if err != nil {
-			return err
-		}
-		lo := max(off, c.UncompressedOffset)
-		hi := min(end, c.UncompressedOffset+uint64(c.UncompressedSize))
-		copy(p[lo-off:hi-off], data[lo-c.UncompressedOffset:hi-c.UncompressedOffset])
-	}
-	return nil
-}
-
-// chunkData returns chunk i's uncompressed bytes, from the cache or by
-// decompressing it; concurrent requests for one chunk share one fetch.
-// The returned slice must not be modified.
-func (r *UncompressedReader) chunkData(i int) ([]byte, error) {
-	r.mu.Lock()
-	if el, ok := r.cached[i]; ok {
-		r.lru.MoveToFront(el)
-		data := el.Value.(*cachedChunk).data
-		r.mu.Unlock()
-		return data, nil
-	}
-	if f, ok := r.inflight[i]; ok {
-		r.mu.Unlock()
-		<-f.done
-		return f.data, f.err
-	}
-	f := &chunkFetch{done: make(chan struct{})}
-	r.inflight[i] = f
-	r.mu.Unlock()
-
-	f.data, f.err = r.load(&r.chunks[i])
-
-	r.mu.Lock()
-	delete(r.inflight, i)
-	if f.err == nil {
-		r.cached[i] = r.lru.PushFront(&cachedChunk{pos: i, data: f.data})
-		r.bytes += len(f.data)
-		for r.bytes > maxCachedChunkBytes && r.lru.Len() > 1 {
-			old := r.lru.Remove(r.lru.Back()).(*cachedChunk)
-			delete(r.cached, old.pos)
-			r.bytes -= len(old.data)
-		}
-	}
-	r.mu.Unlock()
-	close(f.done)
-	return f.data, f.err
-}
-
-func (r *UncompressedReader) load(c *BlobChunk) ([]byte, error) {
-	s := fmt.Sprintf("chunk at uncompressed offset %d", c.UncompressedOffset)
-	src, err := readBlob(r.blob, c.CompressedOffset, uint64(c.CompressedSize), s, "compressed data")
-	if err != nil {
-		return nil, err
-	}
-	if !c.Compressed() {
-		if len(src) != int(c.UncompressedSize) {
-			return nil, fmt.Errorf("rafs: %s: raw chunk is %d bytes, want %d", s, len(src), c.UncompressedSize)
-		}
-		return src, nil
-	}
-	dst := make([]byte, c.UncompressedSize)
-	if err := Decompress(r.comp, dst, src); err != nil {
-		return nil, fmt.Errorf("rafs: %s (compressed %d bytes at %d): %w", s, c.CompressedSize, c.CompressedOffset, err)
-	}
-	return dst, nil
+	return out, nil
 }

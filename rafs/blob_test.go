@@ -11,7 +11,6 @@ import (
 	"io/fs"
 	"os"
 	"reflect"
-	"sync"
 	"testing"
 	"testing/fstest"
 
@@ -57,17 +56,48 @@ func TestReadBlobChunksFixture(t *testing.T) {
 	}
 }
 
-func fixture22Uncompressed(t testing.TB) (*Image, *UncompressedReader) {
+// uncompressedSpace lays blob's chunks out decompressed at their
+// uncompressed offsets, zeros between them, cut at limit bytes: the
+// reference the tests read files through. (The product serves a blob's
+// uncompressed space through package blobcache, which also checks every
+// chunk's digest; rafs only decodes.)
+func uncompressedSpace(blob []byte, e *BlobEntry, chunks []BlobChunk, limit int64) ([]byte, error) {
+	space := make([]byte, min(int64(e.UncompressedSize), limit))
+	for i, c := range chunks {
+		if c.UncompressedOffset >= uint64(len(space)) {
+			continue
+		}
+		if c.CompressedOffset+uint64(c.CompressedSize) > uint64(len(blob)) {
+			return nil, fmt.Errorf("chunk %d: stored bytes past the blob's %d", i, len(blob))
+		}
+		stored := blob[c.CompressedOffset : c.CompressedOffset+uint64(c.CompressedSize)]
+		plain := stored
+		if c.Compressed() {
+			plain = make([]byte, c.UncompressedSize)
+			if err := Decompress(e.Compressor, plain, stored); err != nil {
+				return nil, fmt.Errorf("chunk %d: %w", i, err)
+			}
+		}
+		copy(space[c.UncompressedOffset:], plain)
+	}
+	return space, nil
+}
+
+func fixture22Uncompressed(t testing.TB) (*Image, *bytes.Reader) {
 	img := openFixture(t, fixture22)
-	blob := bytes.NewReader(fixture22BlobBytes(t))
-	chunks, err := ReadBlobChunks(blob, &img.Blobs[0])
+	blob := fixture22BlobBytes(t)
+	chunks, err := ReadBlobChunks(bytes.NewReader(blob), &img.Blobs[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	return img, NewUncompressedReader(blob, &img.Blobs[0], chunks)
+	space, err := uncompressedSpace(blob, &img.Blobs[0], chunks, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img, bytes.NewReader(space)
 }
 
-func TestUncompressedReaderFixture(t *testing.T) {
+func TestFixture22UncompressedSpace(t *testing.T) {
 	_, ur := fixture22Uncompressed(t)
 	if ur.Size() != 36864 {
 		t.Fatalf("Size = %d", ur.Size())
@@ -82,45 +112,6 @@ func TestUncompressedReaderFixture(t *testing.T) {
 	// Gaps between chunks and after the last one are zero.
 	if !allZero(all[16931:20480]) || !allZero(all[20480+13400:]) {
 		t.Error("gaps are not zero")
-	}
-	// Reads at every odd offset and length agree with the whole.
-	for _, r := range [][2]int{{0, 1}, {16930, 2}, {16000, 5000}, {20479, 2}, {33879, 100}, {36863, 1}, {1, 36862}} {
-		buf := make([]byte, r[1])
-		n, err := ur.ReadAt(buf, int64(r[0]))
-		if n != r[1] || err != nil || !bytes.Equal(buf, all[r[0]:r[0]+r[1]]) {
-			t.Errorf("ReadAt(%d, %d) = %d, %v or wrong bytes", r[0], r[1], n, err)
-		}
-	}
-	buf := make([]byte, 10)
-	if n, err := ur.ReadAt(buf, 36860); n != 4 || err != io.EOF || !bytes.Equal(buf[:4], all[36860:]) {
-		t.Errorf("ReadAt across the end = %d, %v", n, err)
-	}
-	if n, err := ur.ReadAt(buf, 36864); n != 0 || err != io.EOF {
-		t.Errorf("ReadAt at the end = %d, %v", n, err)
-	}
-	if _, err := ur.ReadAt(buf, -1); err == nil {
-		t.Error("ReadAt(-1) succeeded")
-	}
-	// Concurrent readers see the same bytes.
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	for g := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			b := make([]byte, 4096)
-			for off := g * 512; off+len(b) <= len(all); off += 4096 {
-				if _, err := ur.ReadAt(b, int64(off)); err != nil || !bytes.Equal(b, all[off:off+len(b)]) {
-					errs <- errors.New("concurrent read mismatch")
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
 	}
 }
 
@@ -292,44 +283,6 @@ func TestBlobChunkMutations(t *testing.T) {
 	}
 }
 
-// A corrupt compressed chunk fails the read; it never yields wrong bytes.
-func TestUncompressedReaderCorruptChunk(t *testing.T) {
-	img := openFixture(t, fixture22)
-	b := fixture22BlobBytes(t)
-	chunks, err := ReadBlobChunks(bytes.NewReader(b), &img.Blobs[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Break chunk 0's zstd frame magic. (A flipped bit inside the frame's
-	// data can decode to wrong bytes: zstd frames carry no checksum, and
-	// chunk digests are checked by the blob cache, not here.)
-	b[0] ^= 0xFF
-	ur := NewUncompressedReader(bytes.NewReader(b), &img.Blobs[0], chunks)
-	buf := make([]byte, 100)
-	if _, err := ur.ReadAt(buf, 0); err == nil {
-		t.Error("read of a corrupt chunk succeeded")
-	}
-	// Chunk 1 is intact and still readable.
-	if n, err := ur.ReadAt(buf, 20480); n != 100 || err != nil || !bytes.HasPrefix(buf, []byte("// Copyright")) {
-		t.Errorf("chunk 1: %d, %v, %q", n, err, buf[:20])
-	}
-}
-
-// Tarfs blobs pass through unchanged, limited to the uncompressed size.
-func TestUncompressedReaderTarfs(t *testing.T) {
-	data := bytes.Repeat([]byte("0123456789"), 1000)
-	e := &BlobEntry{Features: BlobFeatureTarfs | BlobFeatureCapTarTOC, UncompressedSize: 9000}
-	ur := NewUncompressedReader(bytes.NewReader(data), e, nil)
-	buf := make([]byte, 20)
-	if n, err := ur.ReadAt(buf, 8990); n != 10 || err != io.EOF || !bytes.Equal(buf[:10], data[8990:9000]) {
-		t.Errorf("ReadAt at the end = %d, %v", n, err)
-	}
-	short := NewUncompressedReader(bytes.NewReader(data[:5000]), e, nil)
-	if _, err := short.ReadAt(buf, 4990); err == nil || err == io.EOF {
-		t.Errorf("short tarfs blob: %v, want an error", err)
-	}
-}
-
 type syntheticBlob struct {
 	name  string
 	entry BlobEntry
@@ -428,7 +381,7 @@ func syntheticBlobs() []syntheticBlob {
 }
 
 // Every compressor, ci compressor and ci version round-trips through
-// ReadBlobChunks and the uncompressed reader.
+// ReadBlobChunks and decompression.
 func TestSyntheticBlobs(t *testing.T) {
 	for _, sb := range syntheticBlobs() {
 		t.Run(sb.name, func(t *testing.T) {
@@ -439,43 +392,13 @@ func TestSyntheticBlobs(t *testing.T) {
 			if len(chunks) != 5 {
 				t.Fatalf("%d chunks", len(chunks))
 			}
-			ur := NewUncompressedReader(bytes.NewReader(sb.blob), &sb.entry, chunks)
-			got := make([]byte, ur.Size())
-			if n, err := ur.ReadAt(got, 0); n != len(got) || err != nil {
-				t.Fatalf("ReadAt = %d, %v", n, err)
+			got, err := uncompressedSpace(sb.blob, &sb.entry, chunks, 1<<30)
+			if err != nil {
+				t.Fatal(err)
 			}
 			if !bytes.Equal(got, sb.space) {
 				t.Error("uncompressed space differs")
 			}
 		})
-	}
-}
-
-// BenchmarkUncompressedReader reads a zstd blob of 1 MiB chunks
-// sequentially in 128 KiB pieces, as a block device client would.
-func BenchmarkUncompressedReader(b *testing.B) {
-	var datas [][]byte
-	for i := range 8 {
-		d := bytes.Repeat([]byte(fmt.Sprintf("chunk %d of a benchmark blob; ", i)), (1<<20)/20)
-		datas = append(datas, d[:1<<20])
-	}
-	sb, err := makeBlob("bench", CompressZstd, CompressNone, false, datas)
-	if err != nil {
-		b.Fatal(err)
-	}
-	chunks, err := ReadBlobChunks(bytes.NewReader(sb.blob), &sb.entry)
-	if err != nil {
-		b.Fatal(err)
-	}
-	buf := make([]byte, 128<<10)
-	b.SetBytes(int64(len(sb.space)))
-	b.ResetTimer()
-	for b.Loop() {
-		ur := NewUncompressedReader(bytes.NewReader(sb.blob), &sb.entry, chunks)
-		for off := int64(0); off < ur.Size(); off += int64(len(buf)) {
-			if _, err := ur.ReadAt(buf, off); err != nil && err != io.EOF {
-				b.Fatal(err)
-			}
-		}
 	}
 }

@@ -1,6 +1,7 @@
 package rafs
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math/bits"
@@ -831,6 +832,40 @@ func (h *BlobMetaHeader) Encode(b []byte) {
 	le.PutUint64(b[48:], h.ZranSize)
 	le.PutUint32(b[56:], h.ZranCount)
 	le.PutUint32(b[4092:], h.Magic2)
+}
+
+// The blob ToC (§11): BlobTOCEntrySize-byte entries at the tail of a blob
+// with HAS_TOC, blob_toc_size bytes in all, followed by a
+// BlobTOCTarHeaderSize-byte tar header when the blob has HAS_TAR_HEADER.
+const (
+	BlobTOCEntrySize        = 128
+	BlobTOCTarHeaderSize    = 512
+	BlobTOCFlagUncompressed = 0x1
+	// BlobTOCDigestSection names the section holding the 32-byte chunk
+	// digests in chunk-info order (INLINED_CHUNK_DIGEST blobs).
+	BlobTOCDigestSection = "blob.digest"
+)
+
+// BlobTOCEntry is one entry of a blob's table of contents: a named section
+// of the blob file.
+type BlobTOCEntry struct {
+	Flags            uint32   // 0: flags (BlobTOCFlagUncompressed)
+	Name             string   // 8: name, 16 bytes NUL-padded
+	Digest           [32]byte // 24: sha256 of the uncompressed section
+	CompressedOffset uint64   // 56: where the section is stored
+	CompressedSize   uint64   // 64
+	UncompressedSize uint64   // 72
+}
+
+// Decode fills t from the BlobTOCEntrySize bytes of b.
+func (t *BlobTOCEntry) Decode(b []byte) {
+	_ = b[BlobTOCEntrySize-1]
+	t.Flags = le.Uint32(b[0:])
+	t.Name = string(bytes.TrimRight(b[8:24], "\x00"))
+	copy(t.Digest[:], b[24:56])
+	t.CompressedOffset = le.Uint64(b[56:])
+	t.CompressedSize = le.Uint64(b[64:])
+	t.UncompressedSize = le.Uint64(b[72:])
 }
 
 // BlobChunk is one decoded entry of a blob's chunk-info (ci) array (§11):

@@ -381,13 +381,11 @@ func checkSynth(t *testing.T, img *Image, blob []byte, opts synthOpts, nodes []s
 	bs := uint64(img.BlockSize)
 	var br io.ReaderAt = bytes.NewReader(blob)
 	if opts.tarfs {
-		// A tarfs blob is its own uncompressed space: the pass-through
-		// reader serves it.
+		// A tarfs blob is its own uncompressed space.
 		chunks, err := ReadBlobChunks(br, &img.Blobs[0])
 		if err != nil || chunks != nil {
 			t.Fatalf("tarfs ReadBlobChunks = %v, %v", chunks, err)
 		}
-		br = NewUncompressedReader(br, &img.Blobs[0], nil)
 	}
 	fsys := img.FS([]io.ReaderAt{br})
 	byPath := map[string]*synthNode{}
