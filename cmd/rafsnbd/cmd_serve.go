@@ -222,7 +222,12 @@ func parseListen(ctx context.Context, spec string, allowRemote bool) (network, a
 	}
 	switch network {
 	case "unix":
-		return network, address, nil
+		// Absolute, so that the URIs printed work from any directory.
+		abs, err := filepath.Abs(address)
+		if err != nil {
+			return "", "", fmt.Errorf("--listen %q: %w", spec, err)
+		}
+		return network, abs, nil
 	case "tcp":
 		host, _, err := net.SplitHostPort(address)
 		if err != nil {
@@ -293,8 +298,33 @@ func listen(network, address string) (net.Listener, error) {
 // exportURI is the NBD URI (as libnbd and qemu read it) of one export.
 func exportURI(addr net.Addr, name string) string {
 	if addr.Network() == "unix" {
-		// Socket paths are left readable; libnbd and qemu take them as is.
-		return "nbd+unix:///" + url.PathEscape(name) + "?socket=" + addr.String()
+		// The socket path is absolute (parseListen made it so) and
+		// percent-encoded but for its slashes, so that a space, '#' or '&'
+		// in it survives libnbd's and qemu's URI parsers.
+		return "nbd+unix:///" + url.PathEscape(name) + "?socket=" + escapeSocketPath(addr.String())
 	}
-	return (&url.URL{Scheme: "nbd", Host: addr.String(), Path: "/" + name}).String()
+	host, port, err := net.SplitHostPort(addr.String())
+	if ip := net.ParseIP(host); err == nil && ip != nil && ip.IsUnspecified() {
+		// Listening on every address: "[::]" connects nowhere, the host's
+		// name does (from other hosts, which is why one listens so).
+		if name, err := os.Hostname(); err == nil && name != "" {
+			host = name
+		}
+	}
+	return (&url.URL{Scheme: "nbd", Host: net.JoinHostPort(host, port), Path: "/" + name}).String()
+}
+
+// escapeSocketPath percent-encodes every byte of a path but RFC 3986's
+// unreserved characters and '/'.
+func escapeSocketPath(p string) string {
+	var b strings.Builder
+	for i := 0; i < len(p); i++ {
+		switch c := p[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', strings.IndexByte("-._~/", c) >= 0:
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
 }
