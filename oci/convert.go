@@ -136,41 +136,45 @@ type Progress struct {
 	Path        string // export: the disk being written
 }
 
-// Result describes a converted image.
+// Result describes a converted image. Its JSON form (convert --json) has
+// snake_case keys, as every other JSON rafsnbd prints, and durations in
+// nanoseconds, named so.
 type Result struct {
-	Ref            string // canonical reference (CanonicalRef)
-	ManifestDigest string
-	ConfigDigest   string
-	Platform       string
-	Bootstrap      string // images/<manifest hex>/image.boot
-	BlobDir        string // blobs/
-	Layers         []LayerResult
+	Ref            string        `json:"ref"` // canonical reference (CanonicalRef)
+	ManifestDigest string        `json:"manifest_digest"`
+	ConfigDigest   string        `json:"config_digest"`
+	Platform       string        `json:"platform,omitempty"`
+	Bootstrap      string        `json:"bootstrap"` // images/<manifest hex>/image.boot
+	BlobDir        string        `json:"blob_dir"`  // blobs/
+	Layers         []LayerResult `json:"layers"`
 	// Reused is set when the image had been converted before: no layer
 	// was looked at.
-	Reused  bool
-	Resolve time.Duration // manifests and config
-	Layer   time.Duration // all layers, wall clock
-	Merge   time.Duration
-	Exports []Export
+	Reused  bool          `json:"reused"`
+	Resolve time.Duration `json:"resolve_ns"` // manifests and config
+	Layer   time.Duration `json:"layers_ns"`  // all layers, wall clock
+	Merge   time.Duration `json:"merge_ns"`
+	Exports []Export      `json:"exports,omitempty"`
 }
 
 // LayerResult describes one converted layer.
 type LayerResult struct {
-	Index     int
-	Digest    string // of the compressed blob
-	DiffID    string // of the tar: its blob id is the hex part
-	MediaType string
-	Size      int64 // compressed bytes
-	TarSize   int64
-	Bootstrap string // layers/<diffid hex>.boot
-	Blob      string // blobs/<diffid hex>
-	Reused    bool   // bootstrap and tar were in the cache
-	TarReused bool   // the tar was in the cache, the bootstrap was rebuilt
+	Index     int    `json:"index"`
+	Digest    string `json:"digest"`  // of the compressed blob
+	DiffID    string `json:"diff_id"` // of the tar: its blob id is the hex part
+	MediaType string `json:"media_type"`
+	Size      int64  `json:"size"` // compressed bytes
+	TarSize   int64  `json:"tar_size"`
+	Bootstrap string `json:"bootstrap"`  // layers/<diffid hex>.boot
+	Blob      string `json:"blob"`       // blobs/<diffid hex>
+	Reused    bool   `json:"reused"`     // bootstrap and tar were in the cache
+	TarReused bool   `json:"tar_reused"` // the tar was in the cache, the bootstrap was rebuilt
 	// Time spent receiving the blob, decompressing and writing the tar
 	// (with both digests), and building the bootstrap. Download and
 	// decompression overlap on the network, so Download is the time the
 	// converter waited for bytes.
-	Download, Decompress, Build time.Duration
+	Download   time.Duration `json:"download_ns"`
+	Decompress time.Duration `json:"decompress_ns"`
+	Build      time.Duration `json:"build_ns"`
 }
 
 // Export is an exported disk file.
