@@ -17,7 +17,8 @@ import (
 // FromDir builds an image of the tree under srcDir: one blob of compressed,
 // deduplicated chunks in opts.BlobDir (none when no file has data) and the
 // bootstrap, written to bootstrap. Symlinks are stored, never followed;
-// hard links inside srcDir stay hard links.
+// hard links inside srcDir stay hard links. opts.BlobDir and opts.Exclude
+// are left out of the image where they lie inside srcDir.
 func FromDir(ctx context.Context, srcDir string, bootstrap io.Writer, opts Options) (*Result, error) {
 	if err := opts.normalize(); err != nil {
 		return nil, err
@@ -29,9 +30,15 @@ func FromDir(ctx context.Context, srcDir string, bootstrap io.Writer, opts Optio
 	if err != nil {
 		return nil, fmt.Errorf("build: %w", err)
 	}
+	if w.exclude, err = excludeSet(append([]string{opts.BlobDir}, opts.Exclude...)); err != nil {
+		return nil, err
+	}
 	root, err := w.stat(srcDir)
 	if err != nil {
 		return nil, err
+	}
+	if root == nil {
+		return nil, fmt.Errorf("build: the source %s is one of the build's outputs", srcDir)
 	}
 	if !root.isDir() {
 		return nil, fmt.Errorf("build: %s is not a directory", srcDir)
@@ -68,9 +75,30 @@ func FromDir(ctx context.Context, srcDir string, bootstrap io.Writer, opts Optio
 type devIno struct{ dev, ino uint64 }
 
 type dirWalker struct {
-	ctx   context.Context
-	links map[devIno]*inode // inodes with more than one link, by source identity
-	files []*inode          // regular files with data, in walk order
+	ctx     context.Context
+	links   map[devIno]*inode   // inodes with more than one link, by source identity
+	files   []*inode            // regular files with data, in walk order
+	exclude map[devIno]struct{} // Options.Exclude and BlobDir
+}
+
+// excludeSet finds the identities of the paths to leave out: each path's
+// own and, for a symlink, its target's (outputs are written through it).
+func excludeSet(paths []string) (map[devIno]struct{}, error) {
+	set := make(map[devIno]struct{})
+	for _, p := range paths {
+		for _, stat := range []func(string, *unix.Stat_t) error{unix.Lstat, unix.Stat} {
+			var st unix.Stat_t
+			err := stat(p, &st)
+			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
+				continue // not there: nothing to leave out
+			}
+			if err != nil {
+				return nil, fmt.Errorf("build: %s: %w", p, err)
+			}
+			set[devIno{uint64(st.Dev), st.Ino}] = struct{}{}
+		}
+	}
+	return set, nil
 }
 
 // walk adds the entries of directory path to dir, depth first in name order.
@@ -88,6 +116,9 @@ func (w *dirWalker) walk(path string, dir *inode) error {
 		if err != nil {
 			return err
 		}
+		if in == nil {
+			continue // excluded
+		}
 		dir.children[e.Name()] = in
 		if in.isDir() {
 			if err := w.walk(p, in); err != nil {
@@ -99,13 +130,16 @@ func (w *dirWalker) walk(path string, dir *inode) error {
 }
 
 // stat makes the inode for path, or returns the one already made for
-// another name of the same file.
+// another name of the same file; nil for an excluded path.
 func (w *dirWalker) stat(path string) (*inode, error) {
 	var st unix.Stat_t
 	if err := unix.Lstat(path, &st); err != nil {
 		return nil, fmt.Errorf("build: %s: %w", path, err)
 	}
 	id := devIno{uint64(st.Dev), st.Ino}
+	if _, ok := w.exclude[id]; ok {
+		return nil, nil
+	}
 	if st.Mode&rafs.ModeTypeMask != rafs.ModeDir && st.Nlink > 1 {
 		if in, ok := w.links[id]; ok {
 			return in, nil

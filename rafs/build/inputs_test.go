@@ -8,11 +8,14 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 // Inputs other tools hand to the builder: compressed tars, and sources
@@ -147,5 +150,69 @@ func TestFromTarCompressedBroken(t *testing.T) {
 		if names := blobDirNames(t, blobDir); len(names) != 0 {
 			t.Errorf("%s: left %q in the blob dir (%v)", name, names, err)
 		}
+	}
+}
+
+// TestFromDirExcludesOutputs: `create -B DIR/image.boot -D DIR/blobs DIR`
+// writes its outputs into its own source. The blob directory (with a blob
+// of an earlier build in it), the bootstrap of an earlier build and the
+// temporary bootstrap being written stay out of the image, however they
+// are spelled; everything else is in it.
+func TestFromDirExcludesOutputs(t *testing.T) {
+	src := t.TempDir()
+	for p, data := range map[string]string{
+		"etc/hostname":    "box\n",
+		"image.boot":      "an earlier build's bootstrap",
+		"blobs/0123abcd":  "an earlier build's blob",
+		"sub/image.boot":  "not an output: same name elsewhere",
+		"sub/blobs/kept":  "not an output either",
+		".image.boot.tmp": "the bootstrap being written",
+	} {
+		if err := os.MkdirAll(filepath.Join(src, filepath.Dir(p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(src, p), []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The bootstrap is named through a symlink to the source.
+	link := filepath.Join(t.TempDir(), "srclink")
+	if err := os.Symlink(src, link); err != nil {
+		t.Fatal(err)
+	}
+	opts := DefaultOptions(filepath.Join(src, "blobs") + "/")
+	opts.Exclude = []string{filepath.Join(link, "image.boot"), filepath.Join(src, ".image.boot.tmp"), filepath.Join(src, "not-yet")}
+	bootPath := filepath.Join(t.TempDir(), "image.boot")
+	boot, err := os.Create(bootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := FromDir(context.Background(), src, boot, opts); err != nil {
+		t.Fatal(err)
+	}
+	if err := boot.Close(); err != nil {
+		t.Fatal(err)
+	}
+	img, err := rafs.Open(bootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	var got []string
+	if err := img.Walk(func(p string, e *rafs.Entry) error {
+		got = append(got, p)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/", "/etc", "/etc/hostname", "/sub", "/sub/blobs", "/sub/blobs/kept", "/sub/image.boot"}
+	if !slices.Equal(got, want) {
+		t.Errorf("image holds %q, want %q", got, want)
+	}
+
+	// A source that is itself an output is refused.
+	opts = DefaultOptions(src)
+	if _, err := FromDir(context.Background(), src, io.Discard, opts); err == nil || !strings.Contains(err.Error(), "is one of the build's outputs") {
+		t.Errorf("source = blob dir: %v", err)
 	}
 }

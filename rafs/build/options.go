@@ -77,6 +77,14 @@ type Options struct {
 	// BlobMode is the permission of blob files the build writes (0 means
 	// 0644); a tar it hard-links into BlobDir keeps the caller's.
 	BlobMode os.FileMode
+	// Exclude, in directory mode, names files and directories left out
+	// of the image with everything below them: the build's own outputs
+	// (the blob directory, the bootstrap and its temporary file) when
+	// they lie inside the source. They are matched by identity (device
+	// and inode, of the path and of what a symlink there points to), so
+	// any spelling of a path works; one that does not exist when the
+	// build starts is ignored. BlobDir is always left out.
+	Exclude []string
 }
 
 // DefaultOptions returns zstd, blake3 and 1 MiB chunks, as nydus-image
