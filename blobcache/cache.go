@@ -99,10 +99,10 @@ const DefaultMemoryLimit = 128 << 20
 // opening an open blob id again returns another Handle onto the same blob,
 // which is closed when its last Handle is.
 type Cache struct {
-	dir  string     // "" for a memory-only cache
-	mem  *memUnits  // memory-only: the units kept
+	dir  string    // "" for a memory-only cache
+	mem  *memUnits // memory-only: the units kept
 	opts Options
-	lock *os.File   // disk-backed: the flock'ed lock file
+	lock *os.File // disk-backed: the flock'ed lock file
 
 	mu     sync.Mutex
 	closed bool

@@ -10,6 +10,7 @@
 package blockdev
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +23,20 @@ import (
 type Device interface {
 	io.ReaderAt
 	Size() int64
+}
+
+// ReaderAtContext is implemented by devices and blob sources whose reads
+// may wait (on a fetch from a backend): ctx bounds the wait. Package nbd
+// passes each request's context through it when the device has it.
+type ReaderAtContext interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// Staller is implemented by devices and blob sources that know whether a
+// read may wait on a network or backend fetch. A source without it is
+// taken to be a plain file or memory, which does not stall.
+type Staller interface {
+	MayStall() bool
 }
 
 // ErrOutOfRange is returned for reads that start at or beyond the device's
@@ -89,9 +104,26 @@ func (d *Composed) BlockSize() uint32 { return d.blockSize }
 // between them are holes.
 func (d *Composed) Extents() []Extent { return d.extents }
 
+// MayStall reports whether a read may wait on a network or backend fetch:
+// whether any extent's source says so (see Staller).
+func (d *Composed) MayStall() bool {
+	for _, e := range d.extents {
+		if s, ok := e.Source.(Staller); ok && s.MayStall() {
+			return true
+		}
+	}
+	return false
+}
+
 // ReadAt reads len(p) bytes at off. A read must lie wholly inside the
 // device; otherwise it fails without returning data.
 func (d *Composed) ReadAt(p []byte, off int64) (int, error) {
+	return d.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext is ReadAt with ctx passed to the sources that take one
+// (ReaderAtContext), to bound waits for fetches.
+func (d *Composed) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
 		return 0, fmt.Errorf("%w: [%d, +%d) of %d bytes", ErrOutOfRange, off, len(p), d.size)
 	}
@@ -122,7 +154,7 @@ func (d *Composed) ReadAt(p []byte, off int64) (int, error) {
 		if rest := e.Offset + e.Length - pos; int64(n) > rest {
 			n = int(rest)
 		}
-		if _, err := readat.Full(e.Source, p[done:done+n], pos-e.Offset); err != nil {
+		if err := readSource(ctx, e.Source, p[done:done+n], pos-e.Offset); err != nil {
 			return done, fmt.Errorf("blockdev: %s at %d: %w", e.Name, pos-e.Offset, err)
 		}
 		done += n
@@ -130,3 +162,20 @@ func (d *Composed) ReadAt(p []byte, off int64) (int, error) {
 	}
 	return len(p), nil
 }
+
+// readSource reads all of p at off from src, with ctx if src takes one.
+func readSource(ctx context.Context, src io.ReaderAt, p []byte, off int64) error {
+	if rc, ok := src.(ReaderAtContext); ok {
+		src = withContext{ctx, rc}
+	}
+	_, err := readat.Full(src, p, off)
+	return err
+}
+
+// withContext binds a context to a ReaderAtContext for one read.
+type withContext struct {
+	ctx context.Context
+	r   ReaderAtContext
+}
+
+func (w withContext) ReadAt(p []byte, off int64) (int, error) { return w.r.ReadAtContext(w.ctx, p, off) }

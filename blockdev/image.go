@@ -5,22 +5,38 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
-// BlobReader is one blob's uncompressed address space.
+// BlobReader is one blob's uncompressed address space. The blobcache
+// Handles that CachedBlobs and LocalBlobs return also implement
+// ReaderAtContext and MayStall, which Composed passes on.
 type BlobReader interface {
 	io.ReaderAt
 	io.Closer
 }
 
-// BlobOpener finds blobs by their blob-table entry. A local directory is
-// one (LocalBlobs); the lazy cache is another.
+// BlobOpener finds blobs by their blob-table entry; chunkTable is the
+// bootstrap's chunk table, which holds the digests their chunks are
+// checked against.
 type BlobOpener interface {
-	OpenBlob(ctx context.Context, e *rafs.BlobEntry) (BlobReader, error)
+	OpenBlob(ctx context.Context, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (BlobReader, error)
+}
+
+// CachedBlobs opens blobs from Store through Cache: disk-backed or
+// memory-only, every chunk verified before it is served, a blob that
+// several images use opened once.
+type CachedBlobs struct {
+	Cache *blobcache.Cache
+	Store blobcache.Store
+}
+
+// OpenBlob implements BlobOpener.
+func (c CachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (BlobReader, error) {
+	return c.Cache.OpenBlob(ctx, c.Store, e, chunkTable)
 }
 
 // Image is a bootstrap composed with its blobs into one device.
@@ -64,7 +80,7 @@ func OpenRafs(ctx context.Context, ri *rafs.Image, blobs BlobOpener) (*Image, er
 	readers := make([]io.ReaderAt, len(ri.Blobs))
 	for i := range ri.Blobs {
 		e := &ri.Blobs[i]
-		r, err := blobs.OpenBlob(ctx, e)
+		r, err := blobs.OpenBlob(ctx, e, ri.ChunkTable)
 		if err != nil {
 			img.Close()
 			return nil, fmt.Errorf("blockdev: blob %d (%s): %w", i, e.ID(), err)
@@ -135,47 +151,36 @@ func Compose(img *rafs.Image, bootstrap io.ReaderAt, blobs []io.ReaderAt) (*Comp
 	return New(int64(end*bs), uint32(bs), extents)
 }
 
+// localBlobsMemory bounds the decompressed chunks LocalBlobs keeps per
+// blob: enough for sequential readers (exports) to decompress each chunk
+// once.
+const localBlobsMemory = 32 << 20
+
 // LocalBlobs opens blobs from a directory holding one file per blob, named
-// by blob id (nydus' localfs layout). Tarfs blobs are served as they are;
-// compressed blobs are decompressed chunk by chunk as they are read.
+// by blob id (nydus' localfs layout), each through a memory-only blob
+// cache of its own (see blobcache.OpenMemory): chunks are decompressed and
+// their digests checked as they are read. Code that opens several images,
+// or wants one memory bound, uses CachedBlobs with one cache instead.
 type LocalBlobs struct{ Dir string }
 
 // OpenBlob implements BlobOpener.
-func (l LocalBlobs) OpenBlob(_ context.Context, e *rafs.BlobEntry) (BlobReader, error) {
-	f, err := os.Open(filepath.Join(l.Dir, filepath.Base(e.ID())))
+func (l LocalBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry, chunkTable []rafs.ChunkInfo) (BlobReader, error) {
+	c, err := blobcache.OpenMemory(&blobcache.Options{MemoryLimit: localBlobsMemory})
 	if err != nil {
 		return nil, err
 	}
-	fi, err := f.Stat()
+	h, err := c.OpenBlob(ctx, localfs.New(l.Dir), e, chunkTable)
 	if err != nil {
-		f.Close()
+		c.Close()
 		return nil, err
 	}
-	if e.IsTarfs() {
-		return &sizedFile{File: f, size: fi.Size()}, nil
-	}
-	if uint64(fi.Size()) < e.CompressedSize {
-		f.Close()
-		return nil, fmt.Errorf("%s is %d bytes, the bootstrap says %d: truncated blob", f.Name(), fi.Size(), e.CompressedSize)
-	}
-	chunks, err := rafs.ReadBlobChunks(f, e)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", f.Name(), err)
-	}
-	return &uncompressedFile{UncompressedReader: rafs.NewUncompressedReader(f, e, chunks), f: f}, nil
+	return &ownBlob{Handle: h, cache: c}, nil
 }
 
-type sizedFile struct {
-	*os.File
-	size int64
+// ownBlob is a Handle whose cache is its own.
+type ownBlob struct {
+	*blobcache.Handle
+	cache *blobcache.Cache
 }
 
-func (s *sizedFile) Size() int64 { return s.size }
-
-type uncompressedFile struct {
-	*rafs.UncompressedReader
-	f *os.File
-}
-
-func (u *uncompressedFile) Close() error { return u.f.Close() }
+func (o *ownBlob) Close() error { return errors.Join(o.Handle.Close(), o.cache.Close()) }

@@ -87,7 +87,7 @@ func TestComposeRefusesZeroMappedBlkAddr(t *testing.T) {
 // zeroBlobs stands in for blobs that are not available (only the layout is tested).
 type zeroBlobs struct{}
 
-func (zeroBlobs) OpenBlob(context.Context, *rafs.BlobEntry) (BlobReader, error) {
+func (zeroBlobs) OpenBlob(context.Context, *rafs.BlobEntry, []rafs.ChunkInfo) (BlobReader, error) {
 	return nopCloser{zeroReader{}}, nil
 }
 
