@@ -178,4 +178,6 @@ type withContext struct {
 	r   ReaderAtContext
 }
 
-func (w withContext) ReadAt(p []byte, off int64) (int, error) { return w.r.ReadAtContext(w.ctx, p, off) }
+func (w withContext) ReadAt(p []byte, off int64) (int, error) {
+	return w.r.ReadAtContext(w.ctx, p, off)
+}
