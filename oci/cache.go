@@ -147,15 +147,15 @@ func (w *spaceWatcher) Write(p []byte) (int, error) {
 }
 
 // removeTemps deletes leftovers of interrupted writes: names in dir that
-// start with prefix and hold atomicfile.TempMarker. Only call it under the lock of the
-// object the temporaries belong to.
+// start with prefix and are atomicfile temporaries. Only call it under the
+// lock of the object the temporaries belong to.
 func removeTemps(dir, prefix string) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), prefix) && strings.Contains(e.Name(), atomicfile.TempMarker) {
+		if strings.HasPrefix(e.Name(), prefix) && atomicfile.IsTemp(e.Name()) {
 			os.Remove(filepath.Join(dir, e.Name()))
 		}
 	}

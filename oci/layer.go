@@ -172,16 +172,12 @@ func (cv *converter) convertLayer(ctx context.Context, l layerDesc) (*LayerResul
 	res.Build = time.Since(start)
 
 	// Publish: the tar first, the bootstrap last (it marks the layer done).
-	if err := os.Rename(filepath.Join(staging, id), res.Blob); err != nil {
+	// Both were synced in staging; CommitName syncs again (cheap then) so
+	// that every output goes through the one checked, synced rename.
+	if err := atomicfile.CommitName(filepath.Join(staging, id), res.Blob); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	if err := atomicfile.SyncDir(cv.cache.blobDir()); err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	if err := os.Rename(bootTmp, res.Bootstrap); err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	if err := atomicfile.SyncDir(filepath.Dir(res.Bootstrap)); err != nil {
+	if err := atomicfile.CommitName(bootTmp, res.Bootstrap); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	cv.report(Progress{Layer: l.index, Digest: res.Digest, Phase: PhaseLayerDone, Done: res.TarSize, Total: res.TarSize})

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 )
 
@@ -56,7 +57,7 @@ func placeTar(ctx context.Context, r io.ReaderAt, size int64, opts *Options) (*p
 		return p, nil
 	}
 
-	dst, err := os.CreateTemp(opts.BlobDir, ".tar-*")
+	dst, err := newTarTemp(opts.BlobDir)
 	if err != nil {
 		return nil, fmt.Errorf("build: %w", err)
 	}
@@ -85,7 +86,7 @@ func placeTar(ctx context.Context, r io.ReaderAt, size int64, opts *Options) (*p
 // (FICLONE) where the filesystem shares extents, else a hard link. It
 // returns "" when neither works.
 func cloneOrLink(f *os.File, dir string) (tmp, how string, owned bool) {
-	dst, err := os.CreateTemp(dir, ".tar-*")
+	dst, err := newTarTemp(dir)
 	if err != nil {
 		return "", "", false
 	}
@@ -150,16 +151,30 @@ func hashReaderAt(ctx context.Context, r io.ReaderAt, size int64) (string, error
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// commitBlob renames a finished temporary file to dir/id; files of our own
-// get mode.
+// newTarTemp creates the temporary a tar is placed (copied, reflinked,
+// linked or decompressed) into while it is indexed.
+func newTarTemp(dir string) (*atomicfile.File, error) { return atomicfile.CreateIn(dir, "tar") }
+
+// newBlobTemp creates the temporary a blob is written into before its
+// hash, and so its name, is known; gc recognises it by atomicfile.IsTemp.
+func newBlobTemp(dir string) (*os.File, error) {
+	f, err := atomicfile.CreateIn(dir, "blob")
+	if err != nil {
+		return nil, err
+	}
+	return f.File, nil
+}
+
+// commitBlob syncs a finished temporary file and renames it to dir/id;
+// files of our own get mode.
 func commitBlob(tmp, dir, id string, owned bool, mode os.FileMode) (string, error) {
 	path := filepath.Join(dir, id)
 	if owned {
 		if err := os.Chmod(tmp, mode); err != nil {
-			return "", fmt.Errorf("build: %w", err)
+			return "", fmt.Errorf("build: %w", atomicfile.WriteError(path, err))
 		}
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := atomicfile.CommitName(tmp, path); err != nil {
 		os.Remove(tmp)
 		return "", fmt.Errorf("build: %w", err)
 	}

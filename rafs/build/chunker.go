@@ -57,7 +57,7 @@ func writeDirBlob(ctx context.Context, files []*inode, opts *Options) (*rafs.Blo
 	if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
 		return nil, nil, fmt.Errorf("build: %w", err)
 	}
-	f, err := os.CreateTemp(opts.BlobDir, ".blob-*")
+	f, err := newBlobTemp(opts.BlobDir)
 	if err != nil {
 		return nil, nil, fmt.Errorf("build: %w", err)
 	}

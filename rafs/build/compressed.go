@@ -90,7 +90,7 @@ func decompressTar(ctx context.Context, r io.ReaderAt, size int64, c Compression
 		return nil, 0, fmt.Errorf("build: the %s-compressed tar: %w", c, err)
 	}
 	defer zr.Close()
-	dst, err := os.CreateTemp(opts.BlobDir, ".tar-*")
+	dst, err := newTarTemp(opts.BlobDir)
 	if err != nil {
 		return nil, 0, fmt.Errorf("build: %w", err)
 	}
