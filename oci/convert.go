@@ -237,7 +237,8 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 	if opts.StallTimeout == 0 {
 		opts.StallTimeout = DefaultStallTimeout
 	}
-	if opts.Platform == "" {
+	explicitPlatform := opts.Platform != ""
+	if !explicitPlatform {
 		opts.Platform = DefaultPlatform()
 	}
 	platform, err := v1.ParsePlatform(opts.Platform)
@@ -256,6 +257,11 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 	img, err := resolveImage(ctx, src, platform, limits{manifest: opts.MaxManifestSize, config: opts.MaxConfigSize, layers: rafs.MaxBlobs})
 	if err != nil {
 		return nil, err
+	}
+	// A single-platform image has no index to choose from: one of another
+	// platform is converted as it is, unless a platform was asked for.
+	if got, err := v1.ParsePlatform(img.platform); explicitPlatform && !img.fromIndex && img.platform != "" && (err != nil || !got.Satisfies(*platform)) {
+		return nil, fmt.Errorf("oci: %s is an image for %s, not %s", ref, img.platform, opts.Platform)
 	}
 	cv := &converter{opts: opts, cache: c, src: src}
 	var total int64

@@ -288,7 +288,7 @@ func rafsnbdBinary(t testing.TB) string {
 			return
 		}
 		cliPath = filepath.Join(dir, "rafsnbd")
-		out, err := exec.Command("go", "build", "-o", cliPath, "../../cmd/rafsnbd").CombinedOutput()
+		out, err := exec.Command("go", "build", "-o", cliPath, "../cmd/rafsnbd").CombinedOutput()
 		if err != nil {
 			cliErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}

@@ -20,6 +20,7 @@ type image struct {
 	config         *v1.ConfigFile
 	configDigest   v1.Hash
 	platform       string
+	fromIndex      bool // chosen from an index by platform
 	layers         []layerDesc
 }
 
@@ -88,6 +89,7 @@ func resolveImage(ctx context.Context, src source, platform *v1.Platform, lim li
 		return nil, err
 	}
 	// An index may point at another index; real images nest at most once.
+	fromIndex := false
 	for depth := 0; ; depth++ {
 		if mt, err = sniffMediaType(raw, mt); err != nil {
 			return nil, fmt.Errorf("oci: %s: manifest %s: %w", what, digest, err)
@@ -106,6 +108,7 @@ func resolveImage(ctx context.Context, src source, platform *v1.Platform, lim li
 		if err != nil {
 			return nil, fmt.Errorf("oci: %s: index %s: %w", what, digest, err)
 		}
+		fromIndex = true
 		if d.Size > lim.manifest {
 			return nil, fmt.Errorf("oci: %s: manifest %s has %d bytes, over the %d-byte limit", what, d.Digest, d.Size, lim.manifest)
 		}
@@ -125,7 +128,7 @@ func resolveImage(ctx context.Context, src source, platform *v1.Platform, lim li
 	if err != nil {
 		return nil, fmt.Errorf("oci: %s: manifest %s: %w", what, digest, err)
 	}
-	img := &image{source: what, manifestDigest: digest, manifest: m, configDigest: m.Config.Digest}
+	img := &image{source: what, manifestDigest: digest, manifest: m, configDigest: m.Config.Digest, fromIndex: fromIndex}
 	if m.Config.Size > lim.config {
 		return nil, fmt.Errorf("oci: %s: config %s has %d bytes, over the %d-byte limit", what, m.Config.Digest, m.Config.Size, lim.config)
 	}

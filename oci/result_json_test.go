@@ -1,8 +1,12 @@
 package oci
 
 import (
+	"context"
 	"encoding/json"
+	"path/filepath"
 	"regexp"
+	"runtime"
+	"strings"
 	"testing"
 )
 
@@ -43,4 +47,23 @@ func TestResultJSONKeys(t *testing.T) {
 	if n < 30 {
 		t.Errorf("only %d keys seen in %s", n, b)
 	}
+}
+
+// A single-platform image of another platform than the one asked for with
+// --platform is refused, not converted silently.
+func TestConvertPlatformSingleImage(t *testing.T) {
+	dir := t.TempDir()
+	img := newImage(t, newLayer(t, makeTar(t, tFile("a", "a")), "gzip"))
+	layoutDir := filepath.Join(dir, "layout")
+	writeLayout(t, layoutDir, "v1", img)
+	other := "linux/s390x"
+	if runtime.GOARCH == "s390x" {
+		other = "linux/arm64"
+	}
+	_, err := Convert(context.Background(), "oci:"+layoutDir+":v1", Options{CacheDir: filepath.Join(dir, "cache"), Platform: other})
+	if err == nil || !strings.Contains(err.Error(), "is an image for linux/"+runtime.GOARCH+", not "+other) {
+		t.Errorf("--platform %s of a linux/%s image: %v", other, runtime.GOARCH, err)
+	}
+	convertT(t, "oci:"+layoutDir+":v1", Options{CacheDir: filepath.Join(dir, "cache"), Platform: "linux/" + runtime.GOARCH})
+	convertT(t, "oci:"+layoutDir+":v1", Options{CacheDir: filepath.Join(dir, "cache")})
 }
