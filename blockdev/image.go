@@ -42,7 +42,10 @@ func (c CachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry, chunkTable
 // Image is a bootstrap composed with its blobs into one device.
 type Image struct {
 	*Composed
-	Rafs    *rafs.Image
+	Rafs *rafs.Image
+	// Blobs are the blob readers by blob index, as the BlobOpener returned
+	// them (for CachedBlobs, *blobcache.Handle: prefetch, stats).
+	Blobs   []BlobReader
 	closers []io.Closer
 }
 
@@ -76,7 +79,7 @@ func Open(ctx context.Context, bootstrapPath string, blobs BlobOpener) (*Image, 
 // OpenRafs is Open for a bootstrap already parsed; the Image takes ri over
 // and closes it.
 func OpenRafs(ctx context.Context, ri *rafs.Image, blobs BlobOpener) (*Image, error) {
-	img := &Image{Rafs: ri, closers: []io.Closer{ri}}
+	img := &Image{Rafs: ri, closers: []io.Closer{ri}, Blobs: make([]BlobReader, len(ri.Blobs))}
 	readers := make([]io.ReaderAt, len(ri.Blobs))
 	for i := range ri.Blobs {
 		e := &ri.Blobs[i]
@@ -86,7 +89,7 @@ func OpenRafs(ctx context.Context, ri *rafs.Image, blobs BlobOpener) (*Image, er
 			return nil, fmt.Errorf("blockdev: blob %d (%s): %w", i, e.ID(), err)
 		}
 		img.closers = append(img.closers, r)
-		readers[i] = r
+		img.Blobs[i], readers[i] = r, r
 	}
 	var err error
 	img.Composed, err = Compose(ri, ri.ReaderAt(), readers)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"path/filepath"
 	"strings"
-	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -264,121 +263,34 @@ func prefetchFlags() []cli.Flag {
 	}
 }
 
-// cachedBlobs opens an image's blobs through the blob cache: it is the
-// blockdev.BlobOpener of lazily fetched images (see openImage).
-type cachedBlobs struct {
-	cache  *blobcache.Cache
-	shared *sharedBlobs
-	store  blobcache.Store
-	table  []rafs.ChunkInfo // the bootstrap chunk table: chunk digests
-
-	mu    sync.Mutex
-	blobs map[uint32]*blobcache.Blob // by blob index
-}
-
-var _ blockdev.BlobOpener = (*cachedBlobs)(nil)
-
 // openBlobCache opens (and locks) the blob cache under cacheRoot. One
 // process opens it once, however many images it serves.
 func openBlobCache(cacheRoot string, log *zerolog.Logger) (*blobcache.Cache, error) {
 	return blobcache.Open(filepath.Join(cacheRoot, blobCacheSubdir), &blobcache.Options{Logger: log})
 }
 
-// newCachedBlobs reads one image's blobs from store through cache. Images
-// of one process pass the same shared set, so a blob several of them use
-// (a common base layer) is opened once.
-func newCachedBlobs(cache *blobcache.Cache, shared *sharedBlobs, store blobcache.Store, table []rafs.ChunkInfo) *cachedBlobs {
-	return &cachedBlobs{cache: cache, shared: shared, store: store, table: table, blobs: map[uint32]*blobcache.Blob{}}
-}
-
-func (o *cachedBlobs) OpenBlob(ctx context.Context, e *rafs.BlobEntry) (blockdev.BlobReader, error) {
-	ref, err := o.shared.open(e.ID(), func() (*blobcache.Blob, error) { return o.cache.OpenBlob(ctx, o.store, e, o.table) })
-	if err != nil {
-		return nil, err
+// prefetchImage starts background fetching of the bootstrap's prefetch
+// table and the files under paths, or of every blob with all.
+func prefetchImage(img *blockdev.Image, all bool, paths []string) error {
+	handles := make([]*blobcache.Handle, len(img.Blobs))
+	for i, b := range img.Blobs {
+		handles[i], _ = b.(*blobcache.Handle) // nil: not read through a cache
 	}
-	o.mu.Lock()
-	o.blobs[e.BlobIndex] = ref.Blob
-	o.mu.Unlock()
-	return ref, nil
-}
-
-// sharedBlobs are the cache blobs open in this process, by blob id, with
-// how many images use each: the cache lets a blob be opened once.
-type sharedBlobs struct {
-	mu    sync.Mutex
-	blobs map[string]*sharedBlob
-}
-
-type sharedBlob struct {
-	blob *blobcache.Blob
-	refs int
-}
-
-// blobRef is one image's use of a shared blob; closing it closes the blob
-// when no other image uses it.
-type blobRef struct {
-	*blobcache.Blob
-	id     string
-	shared *sharedBlobs
-	once   sync.Once
-}
-
-func (s *sharedBlobs) open(id string, open func() (*blobcache.Blob, error)) (*blobRef, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.blobs == nil {
-		s.blobs = map[string]*sharedBlob{}
-	}
-	sb := s.blobs[id]
-	if sb == nil {
-		b, err := open()
-		if err != nil {
-			return nil, err
-		}
-		sb = &sharedBlob{blob: b}
-		s.blobs[id] = sb
-	}
-	sb.refs++
-	return &blobRef{Blob: sb.blob, id: id, shared: s}, nil
-}
-
-func (r *blobRef) Close() error {
-	var err error
-	r.once.Do(func() {
-		s := r.shared
-		s.mu.Lock()
-		sb := s.blobs[r.id]
-		sb.refs--
-		last := sb.refs == 0
-		if last {
-			delete(s.blobs, r.id)
-		}
-		s.mu.Unlock()
-		if last {
-			err = sb.blob.Close()
-		}
-	})
-	return err
-}
-
-// prefetch starts background fetching of the bootstrap's prefetch table
-// and the files under paths, or of every blob with all.
-func (o *cachedBlobs) prefetch(img *rafs.Image, all bool, paths []string) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
 	if all {
-		for _, b := range o.blobs {
-			b.PrefetchAll()
+		for _, h := range handles {
+			if h != nil {
+				h.PrefetchAll()
+			}
 		}
 		return nil
 	}
-	ranges, err := blobcache.PrefetchRanges(img, paths)
+	ranges, err := blobcache.PrefetchRanges(img.Rafs, paths)
 	if err != nil {
 		return err
 	}
 	for bi, rs := range ranges {
-		if b := o.blobs[uint32(bi)]; b != nil {
-			b.Prefetch(rs...)
+		if bi < len(handles) && handles[bi] != nil {
+			handles[bi].Prefetch(rs...)
 		}
 	}
 	return nil

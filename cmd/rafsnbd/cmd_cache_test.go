@@ -11,10 +11,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
-	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 // TestCacheCommands fills a cache from the nydus fixture file by file,
@@ -77,21 +77,15 @@ func TestCachedBlobsDevice(t *testing.T) {
 	const deviceSHA = "817ff91aaaabde208168c2086395e3dbd75d89239d3ef79a84302aa38b2bf2e6"
 	root := t.TempDir()
 	for run := range 2 {
-		ri, err := rafs.Open(boot)
-		if err != nil {
-			t.Fatal(err)
-		}
 		cache, err := openBlobCache(root, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		cb := newCachedBlobs(cache, new(sharedBlobs), localfs.New(filepath.Dir(boot)), ri.ChunkTable)
-		ri.Close()
-		img, err := blockdev.Open(context.Background(), boot, cb)
+		img, err := blockdev.Open(context.Background(), boot, blockdev.CachedBlobs{Cache: cache, Store: localfs.New(filepath.Dir(boot))})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := cb.prefetch(img.Rafs, run == 1, nil); err != nil {
+		if err := prefetchImage(img, run == 1, nil); err != nil {
 			t.Fatal(err)
 		}
 		h := sha256.New()
@@ -101,7 +95,7 @@ func TestCachedBlobsDevice(t *testing.T) {
 		if got := hex.EncodeToString(h.Sum(nil)); got != deviceSHA {
 			t.Errorf("run %d: device sha256 %s, want %s", run, got, deviceSHA)
 		}
-		st := cb.blobs[0].Stats()
+		st := img.Blobs[0].(*blobcache.Handle).Stats()
 		if run == 1 && st.BackendReads != 0 {
 			t.Errorf("second run fetched %d times", st.BackendReads)
 		}

@@ -179,7 +179,7 @@ func runNBD(ctx context.Context, c *cli.Command) error {
 		DeadConnTimeout: flagDuration(c, "dead-conn-timeout"),
 		BackendID:       backendID,
 		UseIoctl:        c.Bool("ioctl"),
-		Transmission:    nbd.TransmissionOptions{Logger: log, DeviceMayStall: lazyBlobs(c)},
+		Transmission:    nbd.TransmissionOptions{Logger: log},
 		Logger:          log,
 	})
 	if err != nil {

@@ -105,7 +105,7 @@ func runServe(ctx context.Context, c *cli.Command) error {
 	srv := &nbd.Server{
 		Exports:      exports,
 		Logger:       log,
-		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers"), DeviceMayStall: lazyBlobs(c)},
+		Transmission: nbd.TransmissionOptions{Handlers: c.Int("handlers")},
 	}
 	if err := srv.Serve(ctx, l); err != nil {
 		return err

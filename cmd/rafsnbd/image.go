@@ -59,12 +59,6 @@ func (s imageSource) identity() (id, short string, err error) {
 	return "rafsnbd:image:" + abs, strings.TrimSuffix(filepath.Base(abs), filepath.Ext(abs)), nil
 }
 
-// lazyBlobs reports whether blob bytes come through the lazy cache, so that
-// a read may wait for a fetch from the network.
-func lazyBlobs(c *cli.Command) bool {
-	return c.IsSet("bootstrap") && c.String("cache-dir") != ""
-}
-
 // multiImageFlags are imageFlags for a command that takes several images:
 // -B and --image repeat, and share -D, --registry and --cache-dir.
 func multiImageFlags() []cli.Flag {
@@ -99,16 +93,18 @@ func openImage(ctx context.Context, c *cli.Command, withPrefetch bool) (*blockde
 	return img, nil
 }
 
-// imageOpener composes images for one command. It opens the blob cache once
-// (the cache is locked per process) and closes it last.
+// imageOpener composes images for one command. It opens the command's one
+// blob cache (disk-backed under --cache-dir, which is locked per process,
+// else memory-only) when the first image needs it, and closes it last.
+// Images that share a blob share it through the cache.
 type imageOpener struct {
-	ctx    context.Context
-	c      *cli.Command
-	cache  *blobcache.Cache
-	shared sharedBlobs
+	ctx   context.Context
+	c     *cli.Command
+	cache *blobcache.Cache
 }
 
-// Close unlocks the blob cache, after the images using it are closed.
+// Close closes the blob cache (unlocking it), after the images using it
+// are closed.
 func (o *imageOpener) Close() error {
 	if o.cache == nil {
 		return nil
@@ -120,13 +116,14 @@ func (o *imageOpener) Close() error {
 
 // open composes one image.
 //
-// Without --cache-dir, blobs are read from -D directly (compressed blobs
-// are decompressed chunk by chunk as they are read). With --cache-dir, blob
-// bytes come from -D or --registry through the blob cache: fetched lazily,
-// verified against their chunk digests and kept across restarts; then
-// withPrefetch starts the background prefetch of the bootstrap's prefetch
-// table and of --prefetch/--prefetch-all. A converted image (--image) is
-// read from the cache's layer tars directly.
+// Blob bytes always come through the blob cache, which checks every
+// chunk's digest before serving it. Without --cache-dir the cache is
+// memory-only over -D (chunks decompressed as they are read, a bounded
+// number kept). With --cache-dir, blobs come from -D or --registry, are
+// fetched lazily and kept across restarts; then withPrefetch starts the
+// background prefetch of the bootstrap's prefetch table and of
+// --prefetch/--prefetch-all. A converted image (--image) is read from the
+// cache's layer tars directly.
 func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image, error) {
 	c, ctx := o.c, o.ctx
 	log := logger(ctx)
@@ -151,34 +148,30 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 	if err != nil {
 		return nil, err
 	}
-	var img *blockdev.Image
-	if cacheRoot == "" {
-		img, err = blockdev.OpenRafs(ctx, ri, blockdev.LocalBlobs{Dir: dir})
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", boot, err)
+	store, err := openBlobStore(c)
+	if err != nil {
+		ri.Close()
+		return nil, err
+	}
+	if o.cache == nil {
+		if cacheRoot == "" {
+			o.cache, err = blobcache.OpenMemory(&blobcache.Options{Logger: log})
+		} else {
+			o.cache, err = openBlobCache(cacheRoot, log)
 		}
-	} else {
-		store, err := openBlobStore(c)
 		if err != nil {
 			ri.Close()
 			return nil, err
 		}
-		if o.cache == nil {
-			if o.cache, err = openBlobCache(cacheRoot, log); err != nil {
-				ri.Close()
-				return nil, err
-			}
-		}
-		cb := newCachedBlobs(o.cache, &o.shared, store, ri.ChunkTable)
-		img, err = blockdev.OpenRafs(ctx, ri, cb)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", boot, err)
-		}
-		if withPrefetch {
-			if err := cb.prefetch(img.Rafs, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
-				img.Close()
-				return nil, err
-			}
+	}
+	img, err := blockdev.OpenRafs(ctx, ri, blockdev.CachedBlobs{Cache: o.cache, Store: store})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", boot, err)
+	}
+	if withPrefetch && cacheRoot != "" {
+		if err := prefetchImage(img, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
+			img.Close()
+			return nil, err
 		}
 	}
 	log.Debug().Str("bootstrap", boot).Int("blobs", len(img.Rafs.Blobs)).Bool("cached", cacheRoot != "").
