@@ -43,8 +43,12 @@ func LookupImage(cacheDir, refOrDigest string) (*ImageInfo, error) {
 		return nil, fmt.Errorf("oci: cache %s: %w", cacheDir, err)
 	}
 
+	prefix, isDigest, err := digestPrefix(refOrDigest)
+	if err != nil {
+		return nil, fmt.Errorf("oci: %s: %w", refOrDigest, err)
+	}
 	var match func(dir string, rec *ImageInfo) bool
-	if prefix, ok := digestPrefix(refOrDigest); ok {
+	if isDigest {
 		match = func(dir string, _ *ImageInfo) bool { return strings.HasPrefix(dir, prefix) }
 	} else {
 		want, err := CanonicalRef(refOrDigest, false)
@@ -70,9 +74,15 @@ func LookupImage(cacheDir, refOrDigest string) (*ImageInfo, error) {
 		}
 	}
 	if best == nil {
+		if !isDigest && isHex(refOrDigest) {
+			// "abc123" may be a repository name or a digest prefix that
+			// is too short; say both.
+			return nil, fmt.Errorf("oci: %s: no converted image of that reference in %s, and a manifest digest prefix needs at least %d hex digits",
+				refOrDigest, cacheDir, minDigestPrefix)
+		}
 		return nil, fmt.Errorf("oci: %s: no converted image in %s (run rafsnbd convert first)", refOrDigest, cacheDir)
 	}
-	if _, ok := digestPrefix(refOrDigest); ok && len(matched) > 1 {
+	if isDigest && len(matched) > 1 {
 		return nil, fmt.Errorf("oci: %s: ambiguous, matches %s", refOrDigest, strings.Join(matched, ", "))
 	}
 	if err := best.checkFiles(abs); err != nil {
@@ -96,14 +106,24 @@ func (rec *ImageInfo) checkFiles(cacheDir string) error {
 	return nil
 }
 
-// digestPrefix recognizes a manifest digest or a prefix of its hex.
-func digestPrefix(s string) (string, bool) {
-	h, ok := strings.CutPrefix(s, "sha256:")
-	if !ok && len(s) < 12 {
-		return "", false
+// minDigestPrefix is the shortest manifest digest prefix a lookup takes
+// (docker's short ids have 12 hex digits; fewer collide too easily).
+const minDigestPrefix = 12
+
+// digestPrefix recognizes a manifest digest or a prefix of its hex:
+// "sha256:" and 12 to 64 hex digits, or 12 to 64 hex digits alone.
+// Anything else after "sha256:" is an error; other strings are references.
+func digestPrefix(s string) (prefix string, ok bool, err error) {
+	h, tagged := strings.CutPrefix(s, "sha256:")
+	switch {
+	case len(h) >= minDigestPrefix && len(h) <= 64 && isHex(h):
+		return h, true, nil
+	case tagged && len(h) < minDigestPrefix && isHex(h):
+		return "", false, fmt.Errorf("give at least %d hex digits of the manifest digest", minDigestPrefix)
+	case tagged:
+		return "", false, fmt.Errorf("not a manifest digest (want sha256: and %d to 64 hex digits)", minDigestPrefix)
 	}
-	if h == "" || len(h) > 64 || strings.Trim(h, "0123456789abcdef") != "" {
-		return "", false
-	}
-	return h, true
+	return "", false, nil
 }
+
+func isHex(s string) bool { return s != "" && strings.Trim(s, "0123456789abcdef") == "" }

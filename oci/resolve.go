@@ -135,9 +135,9 @@ func resolveImage(ctx context.Context, src source, platform *v1.Platform, lim li
 	if err := checkDigest(m.Config.Digest); err != nil {
 		return nil, fmt.Errorf("oci: %s: config: %w", what, err)
 	}
-	rc, err := src.blob(ctx, m.Config.Digest)
+	rc, err := src.blob(ctx, m.Config.Digest) // its error leaves naming the blob to us
 	if err != nil {
-		return nil, fmt.Errorf("oci: %s: config: %w", what, err)
+		return nil, fmt.Errorf("oci: %s: config %s: %w", what, m.Config.Digest, err)
 	}
 	cfgRaw, err := readLimited(rc, lim.config)
 	rc.Close()

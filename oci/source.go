@@ -7,20 +7,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/rafsnbd/rafsnbd/internal/regclient"
 )
 
 // layoutPrefix marks a reference to an OCI image layout directory.
@@ -59,10 +59,28 @@ func openSource(ctx context.Context, ref string, o sourceOptions) (source, error
 	return openRegistry(ctx, ref, o)
 }
 
+// parseRegistryRef parses a registry reference, explaining in one line the
+// other transports skopeo users spell images with.
+func parseRegistryRef(ref string, insecure bool) (name.Reference, error) {
+	if t := regclient.SkopeoTransport(ref); t != "" {
+		how := "copy the image into a layout first (skopeo copy " + ref + " oci:DIR:TAG) and convert oci:DIR:TAG"
+		if t == "oci-archive" {
+			how = "an OCI archive is a tar of a layout: extract it (tar -xf) and convert oci:DIR[:TAG]"
+		}
+		return nil, fmt.Errorf("oci: %s: rafsnbd reads registries and OCI layouts, not skopeo's %s: transport; %s", ref, t, how)
+	}
+	r, err := regclient.ParseReference(ref, insecure)
+	if err != nil {
+		return nil, fmt.Errorf("oci: %w", err)
+	}
+	return r, nil
+}
+
 // CanonicalRef is the form of ref that image.json records and ResolveImage
 // matches: a registry reference fully qualified
-// ("index.docker.io/library/alpine:latest"), a layout reference with an
-// absolute path and its tag ("oci:/abs/path:latest").
+// ("index.docker.io/library/alpine:latest", also for skopeo's
+// "docker://alpine"), a layout reference with an absolute path and its tag
+// ("oci:/abs/path:latest").
 func CanonicalRef(ref string, insecure bool) (string, error) {
 	if p, ok := strings.CutPrefix(ref, layoutPrefix); ok {
 		dir, tag, dgst, err := splitLayoutRef(p)
@@ -71,13 +89,9 @@ func CanonicalRef(ref string, insecure bool) (string, error) {
 		}
 		return canonicalLayoutRef(dir, tag, dgst), nil
 	}
-	var opts []name.Option
-	if insecure {
-		opts = append(opts, name.Insecure)
-	}
-	r, err := name.ParseReference(ref, opts...)
+	r, err := parseRegistryRef(ref, insecure)
 	if err != nil {
-		return "", fmt.Errorf("oci: reference %q: %w", ref, err)
+		return "", err
 	}
 	return r.Name(), nil
 }
@@ -85,57 +99,29 @@ func CanonicalRef(ref string, insecure bool) (string, error) {
 // ---------------------------------------------------------------------------
 // Registry
 
+// registrySource pulls through internal/regclient, the registry client the
+// lazy blob backend uses too (one stall, retry and auth model).
 type registrySource struct {
 	ref    name.Reference
-	client *http.Client
-	stall  time.Duration // <= 0: wait for ever
+	client *regclient.Client
 }
 
-func openRegistry(ctx context.Context, ref string, o sourceOptions) (*registrySource, error) {
-	var opts []name.Option
-	if o.insecure {
-		opts = append(opts, name.Insecure)
-	}
-	r, err := name.ParseReference(ref, opts...)
+// openRegistry parses the reference; the registry is contacted (ping,
+// token exchange, bounded by the stall timeout) by the first fetch.
+func openRegistry(_ context.Context, ref string, o sourceOptions) (*registrySource, error) {
+	r, err := parseRegistryRef(ref, o.insecure)
 	if err != nil {
-		return nil, fmt.Errorf("oci: reference %q: %w", ref, err)
+		return nil, err
 	}
-	kc := o.keychain
-	if kc == nil {
-		kc = authn.DefaultKeychain
+	stall := o.stall
+	if stall <= 0 {
+		stall = -1 // regclient: wait for ever
 	}
-	base := o.transport
-	if base == nil {
-		base = remote.DefaultTransport
-	}
-	reg := r.Context().Registry
-	if o.stall > 0 {
-		// The ping and token exchange below are a few small requests.
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, o.stall, fmt.Errorf("no answer from %s within %s", reg, o.stall))
-		defer cancel()
-	}
-	auth, err := authn.Resolve(ctx, kc, reg)
-	if err != nil {
-		return nil, fmt.Errorf("oci: credentials for %s: %w", reg, err)
-	}
-	// The transport pings the registry and runs the token exchange.
-	rt, err := transport.NewWithContext(ctx, reg, auth, base, []string{r.Context().Scope(transport.PullScope)})
-	if err != nil {
-		if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.DeadlineExceeded) {
-			err = cause
-		}
-		return nil, fmt.Errorf("oci: %s: %w", reg, err)
-	}
-	return &registrySource{ref: r, client: &http.Client{Transport: rt}, stall: o.stall}, nil
+	c := regclient.New(r.Context(), regclient.Options{Insecure: o.insecure, Keychain: o.keychain, Transport: o.transport, StallTimeout: stall})
+	return &registrySource{ref: r, client: c}, nil
 }
 
 func (s *registrySource) canonical() string { return s.ref.Name() }
-
-func (s *registrySource) url(kind, id string) string {
-	repo := s.ref.Context()
-	return fmt.Sprintf("%s://%s/v2/%s/%s/%s", repo.Registry.Scheme(), repo.RegistryStr(), repo.RepositoryStr(), kind, id)
-}
 
 // manifestAccept lists every manifest type the converter understands.
 var manifestAccept = strings.Join([]string{
@@ -143,124 +129,16 @@ var manifestAccept = strings.Join([]string{
 	string(types.DockerManifestSchema2), string(types.DockerManifestList),
 }, ", ")
 
-// get sends a GET. The request, and every read of the body, fails once it
-// has waited s.stall for the registry (see stallWatch).
-func (s *registrySource) get(ctx context.Context, url, accept string) (*http.Response, error) {
-	w := newStallWatch(ctx, s.stall)
-	req, err := http.NewRequestWithContext(w.ctx, http.MethodGet, url, nil)
-	if err != nil {
-		w.close()
-		return nil, err
-	}
-	if accept != "" {
-		req.Header.Set("Accept", accept)
-	}
-	w.arm()
-	resp, err := s.client.Do(req)
-	w.disarm()
-	if err != nil {
-		w.close()
-		return nil, w.explain(err)
-	}
-	if err := transport.CheckError(resp, http.StatusOK); err != nil {
-		resp.Body.Close()
-		w.close()
-		return nil, err
-	}
-	resp.Body = &stallBody{rc: resp.Body, w: w}
-	return resp, nil
-}
-
-// stallWatch cancels a request's context when the request has waited too
-// long for the other side: armed while waiting for the response or for
-// body bytes, disarmed while the caller works on what arrived. A registry
-// that stops sending in the middle of a layer would otherwise hold a
-// conversion for ever (TCP keeps a silent connection open).
-type stallWatch struct {
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	timer  *time.Timer // nil: no limit
-	limit  time.Duration
-	fired  atomic.Bool
-}
-
-func newStallWatch(parent context.Context, limit time.Duration) *stallWatch {
-	ctx, cancel := context.WithCancelCause(parent)
-	w := &stallWatch{ctx: ctx, cancel: cancel}
-	if limit > 0 {
-		w.timer = time.AfterFunc(limit, func() {
-			w.fired.Store(true)
-			cancel(fmt.Errorf("the registry sent nothing for %s", limit))
-		})
-		w.timer.Stop()
-		w.limit = limit
-	}
-	return w
-}
-
-func (w *stallWatch) arm() {
-	if w.timer != nil {
-		w.timer.Reset(w.limit)
-	}
-}
-
-func (w *stallWatch) disarm() {
-	if w.timer != nil {
-		w.timer.Stop()
-	}
-}
-
-// explain replaces the context error a stall caused with what happened.
-func (w *stallWatch) explain(err error) error {
-	if err != nil && w.fired.Load() {
-		return context.Cause(w.ctx)
-	}
-	return err
-}
-
-func (w *stallWatch) close() {
-	w.disarm()
-	w.cancel(nil)
-}
-
-// stallBody is a response body under a stallWatch.
-type stallBody struct {
-	rc io.ReadCloser
-	w  *stallWatch
-}
-
-func (b *stallBody) Read(p []byte) (int, error) {
-	b.w.arm()
-	n, err := b.rc.Read(p)
-	b.w.disarm()
-	return n, b.w.explain(err)
-}
-
-func (b *stallBody) Close() error {
-	err := b.rc.Close()
-	b.w.close()
-	return err
-}
-
 func (s *registrySource) fetchManifest(ctx context.Context, id string, limit int64) ([]byte, types.MediaType, error) {
-	what := s.ref.Context().String() + ":" + id
-	if strings.Contains(id, ":") {
-		what = s.ref.Context().String() + "@" + id
-	}
-	resp, err := s.get(ctx, s.url("manifests", id), manifestAccept)
+	raw, mt, err := s.client.Manifest(ctx, id, manifestAccept, limit)
 	if err != nil {
-		return nil, "", fmt.Errorf("oci: manifest %s: %w", what, err)
+		what := s.ref.Context().String() + ":" + id
+		if strings.Contains(id, ":") {
+			what = s.ref.Context().String() + "@" + id
+		}
+		return nil, "", fmt.Errorf("oci: %s: %w", what, err)
 	}
-	defer resp.Body.Close()
-	if resp.ContentLength > limit {
-		return nil, "", fmt.Errorf("oci: manifest %s: %d bytes exceed the %d-byte limit", what, resp.ContentLength, limit)
-	}
-	raw, err := readLimited(resp.Body, limit)
-	if err != nil {
-		return nil, "", fmt.Errorf("oci: manifest %s: %w", what, err)
-	}
-	mt := types.MediaType(strings.TrimSpace(strings.Split(resp.Header.Get("Content-Type"), ";")[0]))
-	return raw, mt, nil
+	return raw, types.MediaType(mt), nil
 }
 
 func (s *registrySource) top(ctx context.Context, limit int64) ([]byte, v1.Hash, types.MediaType, error) {
@@ -279,12 +157,14 @@ func (s *registrySource) manifest(ctx context.Context, d v1.Hash, limit int64) (
 	return s.fetchManifest(ctx, d.String(), limit)
 }
 
+// blob's error names the repository, not the digest: the caller names the
+// blob (layer N (digest), config digest).
 func (s *registrySource) blob(ctx context.Context, d v1.Hash) (io.ReadCloser, error) {
-	resp, err := s.get(ctx, s.url("blobs", d.String()), "")
+	rc, err := s.client.Blob(ctx, d.String())
 	if err != nil {
-		return nil, fmt.Errorf("oci: blob %s@%s: %w", s.ref.Context(), d, err)
+		return nil, fmt.Errorf("%s: %w", s.ref.Context(), err)
 	}
-	return resp.Body, nil
+	return rc, nil
 }
 
 // ---------------------------------------------------------------------------
@@ -409,7 +289,7 @@ func (s *layoutSource) top(ctx context.Context, limit int64) ([]byte, v1.Hash, t
 func (s *layoutSource) manifest(ctx context.Context, d v1.Hash, limit int64) ([]byte, types.MediaType, error) {
 	rc, err := s.blob(ctx, d)
 	if err != nil {
-		return nil, "", err
+		return nil, "", fmt.Errorf("oci: manifest %s: %w", d, err)
 	}
 	defer rc.Close()
 	raw, err := readLimited(rc, limit)
@@ -421,11 +301,13 @@ func (s *layoutSource) manifest(ctx context.Context, d v1.Hash, limit int64) ([]
 
 func (s *layoutSource) blob(_ context.Context, d v1.Hash) (io.ReadCloser, error) {
 	if err := checkDigest(d); err != nil { // it becomes a path under blobs/
-		return nil, fmt.Errorf("oci: layout %s: %w", s.dir, err)
+		return nil, fmt.Errorf("layout %s: %w", s.dir, err)
 	}
 	rc, err := s.path.Blob(d)
-	if err != nil {
-		return nil, fmt.Errorf("oci: layout %s: blob %s: %w", s.dir, d, err)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("layout %s: no such blob", s.dir)
+	} else if err != nil {
+		return nil, fmt.Errorf("layout %s: %w", s.dir, err) // the path names the blob
 	}
 	return rc, nil
 }
@@ -433,19 +315,10 @@ func (s *layoutSource) blob(_ context.Context, d v1.Hash) (io.ReadCloser, error)
 // ---------------------------------------------------------------------------
 
 // errTooLarge is wrapped by readLimited's error.
-var errTooLarge = errors.New("over the size limit")
+var errTooLarge = regclient.ErrTooLarge
 
 // readLimited reads all of r, failing once it passes limit bytes.
-func readLimited(r io.Reader, limit int64) ([]byte, error) {
-	b, err := io.ReadAll(io.LimitReader(r, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("more than %d bytes: %w", limit, errTooLarge)
-	}
-	return b, nil
-}
+func readLimited(r io.Reader, limit int64) ([]byte, error) { return regclient.ReadLimited(r, limit) }
 
 func sha256Hash(b []byte) v1.Hash {
 	sum := sha256.Sum256(b)

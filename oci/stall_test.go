@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -89,23 +90,34 @@ func TestHostileStallingRegistry(t *testing.T) {
 	stall.Store(true)
 	proxy := stallingRegistry(t, reg, &stall, func(r *http.Request) bool { return strings.HasSuffix(r.URL.Path, "/manifests/hang") })
 	deaf := stallingRegistry(t, reg, &stall, func(r *http.Request) bool { return r.URL.Path == "/v2/" }) // the ping
-	cache := filepath.Join(t.TempDir(), "cache")
-	opts := Options{CacheDir: cache, Insecure: true, StallTimeout: 500 * time.Millisecond}
+	opts := Options{Insecure: true, StallTimeout: 500 * time.Millisecond}
 
-	for _, c := range []struct{ ref, want string }{
-		{proxy + "/stall/img:v1", "the registry sent nothing for 500ms"},
-		{proxy + "/stall/img:hang", "the registry sent nothing for 500ms"},
-		{deaf + "/stall/img:v1", "no answer from " + deaf + " within 500ms"},
+	// Each stall is retried (regclient's default 4 retries with backoff)
+	// before the conversion gives up: the cases wait at the same time
+	// (goroutines, not t.Parallel, which -parallel would bound by the CPUs).
+	var wg sync.WaitGroup
+	for _, c := range []struct{ name, ref, want string }{
+		{"body", proxy + "/stall/img:v1", "the registry sent nothing for 500ms"},
+		{"headers", proxy + "/stall/img:hang", "the registry sent nothing for 500ms"},
+		{"ping", deaf + "/stall/img:v1", "no answer from " + deaf + " within 500ms"},
 	} {
-		start := time.Now()
-		expectError(t, c.ref, opts, c.want)
-		if took := time.Since(start); took > 20*time.Second {
-			t.Errorf("%s: the stall took %s to detect", c.ref, took)
-		}
-		checkNothingDone(t, cache)
+		wg.Go(func() {
+			t.Run(c.name, func(t *testing.T) {
+				opts := opts
+				opts.CacheDir = filepath.Join(t.TempDir(), "cache")
+				start := time.Now()
+				expectError(t, c.ref, opts, c.want, "gave up after 5 tries")
+				if took := time.Since(start); took > 20*time.Second {
+					t.Errorf("%s: the stall took %s to detect", c.ref, took)
+				}
+				checkNothingDone(t, opts.CacheDir)
+			})
+		})
 	}
+	wg.Wait()
 
 	stall.Store(false)
+	opts.CacheDir = filepath.Join(t.TempDir(), "cache")
 	if _, err := Convert(context.Background(), proxy+"/stall/img:v1", opts); err != nil {
 		t.Fatalf("convert after the registry recovered: %v", err)
 	}

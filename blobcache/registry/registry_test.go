@@ -110,7 +110,7 @@ func randomBytes(n int, seed uint64) []byte {
 }
 
 func fastOptions() registry.Options {
-	return registry.Options{Timeout: 300 * time.Millisecond, Backoff: 5 * time.Millisecond, Retries: 3}
+	return registry.Options{StallTimeout: 300 * time.Millisecond, Backoff: 5 * time.Millisecond, Retries: 3}
 }
 
 func openBlob(t *testing.T, ref, id string, opts registry.Options) (*registry.Store, blobcache.Backend) {
@@ -363,7 +363,7 @@ func TestCancel(t *testing.T) {
 	reg, ids := newFakeRegistry(t, data)
 	reg.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool { stall(w, r); return true })
 	opts := fastOptions()
-	opts.Timeout = 10 * time.Second
+	opts.StallTimeout = 10 * time.Second
 	_, be := openBlob(t, reg.ref(), ids[0], opts)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
