@@ -153,12 +153,12 @@ func runConvert(ctx context.Context, c *cli.Command) error {
 // when stderr is a terminal. Events arrive from several goroutines.
 type convertProgress struct {
 	mu         sync.Mutex
-	done       map[int]int64
-	pull       func(int64)
-	pullEnd    func()
+	total      int64
+	done       map[int]int64 // downloaded bytes by layer
+	reused     map[int]int64 // bytes of layers found in the cache
+	pull       *progress
 	exportPath string
-	export     func(int64)
-	exportEnd  func()
+	export     *progress
 }
 
 func (p *convertProgress) update(ev oci.Progress) {
@@ -166,42 +166,52 @@ func (p *convertProgress) update(ev oci.Progress) {
 	defer p.mu.Unlock()
 	switch ev.Phase {
 	case oci.PhaseResolved:
-		p.done = map[int]int64{}
-		p.pull, p.pullEnd = newProgress(ev.Total, "pull")
+		p.total, p.done, p.reused = ev.Total, map[int]int64{}, map[int]int64{}
+		p.pull = startProgress(ev.Total, "pull")
 	case oci.PhaseDownload, oci.PhaseReused:
 		if p.pull == nil {
 			return
 		}
-		p.done[ev.Layer] = ev.Done
-		var sum int64
-		for _, d := range p.done {
-			sum += d
+		if ev.Phase == oci.PhaseReused {
+			// Not downloaded: off the bar's total, so that it neither
+			// jumps nor shows as an absurd rate.
+			p.reused[ev.Layer] = ev.Done
+			p.pull.SetTotal(p.total - sum(p.reused))
+		} else {
+			p.done[ev.Layer] = ev.Done
 		}
-		p.pull(sum)
+		p.pull.Set(sum(p.done))
 	case oci.PhaseExport:
 		if ev.Path != p.exportPath {
-			if p.exportEnd != nil {
-				p.exportEnd()
+			if p.export != nil {
+				p.export.Finish()
 			}
 			p.exportPath = ev.Path
-			p.export, p.exportEnd = newProgress(ev.Total, "export "+filepath.Base(ev.Path))
+			p.export = startProgress(ev.Total, "export "+filepath.Base(ev.Path))
 		}
-		p.export(ev.Done)
+		p.export.Set(ev.Done)
 	case oci.PhaseImageDone:
-		if p.pullEnd != nil {
-			p.pullEnd()
-			p.pull, p.pullEnd = nil, nil
+		if p.pull != nil {
+			p.pull.Finish()
+			p.pull = nil
 		}
 	}
+}
+
+func sum(m map[int]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
 
 func (p *convertProgress) finish() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, end := range []func(){p.pullEnd, p.exportEnd} {
-		if end != nil {
-			end()
+	for _, bar := range []*progress{p.pull, p.export} {
+		if bar != nil {
+			bar.Finish()
 		}
 	}
-	p.pull, p.pullEnd, p.export, p.exportEnd = nil, nil, nil, nil
 }

@@ -78,11 +78,15 @@ Typical flow:
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "`LEVEL` of messages logged on stderr: debug, info, warn or error", Sources: cli.EnvVars("RAFSNBD_LOG_LEVEL")},
 			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of human-readable text (durations as strings with their unit, such as \"9.8ms\")"},
+			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress bars and no log lines but errors; results still go to stdout"},
 		},
 		Before: func(ctx context.Context, c *cli.Command) (context.Context, error) {
 			level, err := parseLogLevel(c.String("log-level"))
 			if err != nil {
 				return ctx, usagef(c, "--log-level: %v", err)
+			}
+			if c.Bool("quiet") {
+				level, quietProgress = zerolog.ErrorLevel, true
 			}
 			// Durations print as durations with their unit ("9.8ms"), in
 			// text and JSON alike, instead of unit-less milliseconds.
