@@ -55,6 +55,7 @@ Without -o the disk is written beside the blobs in -D as <blob id>.image.disk
 				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
 				&cli.BoolFlag{Name: "layer", Usage: "name the default output as a layer disk (<blob id>.layer.disk)"},
 				&cli.BoolFlag{Name: "no-fsync", Usage: "do not wait for the disk file to reach the disk (faster; a crash soon after may lose it)"},
+				jsonFlag(),
 			),
 			Action: runExport,
 		}
@@ -113,12 +114,29 @@ func runExport(ctx context.Context, c *cli.Command) error {
 	log.Info().Str("disk", out).Int64("device_bytes", img.Size()).Int64("file_bytes", res.Size).
 		Uint32("block_size", img.BlockSize()).Dur("took", elapsed).
 		Str("rate", rate(img.Size(), elapsed)).Msg("exported")
+	if c.Bool("json") {
+		r := exportJSON{Disk: out, Bytes: res.Size, DeviceBytes: img.Size(), BlockSize: img.BlockSize(), TookNs: elapsed}
+		if res.Tree != nil {
+			r.Verity = verityReport(res.Tree)
+		}
+		return printJSON(c.Root().Writer, r)
+	}
 	if res.Tree != nil {
 		fmt.Fprintln(c.Root().Writer, res.Tree.Options())
 	} else {
 		fmt.Fprintf(c.Root().Writer, "%s: %d bytes, %d blocks of %d\n", out, res.Size, img.Size()/int64(img.BlockSize()), img.BlockSize())
 	}
 	return nil
+}
+
+// exportJSON is what export --json prints.
+type exportJSON struct {
+	Disk        string        `json:"disk"`
+	Bytes       int64         `json:"bytes"` // of the file: the device, then the tree
+	DeviceBytes int64         `json:"device_bytes"`
+	BlockSize   uint32        `json:"block_size"`
+	TookNs      time.Duration `json:"took_ns"`
+	Verity      *verityJSON   `json:"verity,omitempty"`
 }
 
 // rate formats bytes over a duration as MB/s.
