@@ -19,6 +19,7 @@
 package nbd
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -26,9 +27,45 @@ import (
 
 // Device is what an export serves: random-access reads over a fixed size.
 // ReadAt must be safe for concurrent use (os.File and io.SectionReader are).
+//
+// A device that may wait on a network says so through two optional
+// interfaces, found by type assertion:
+//
+//   - ContextReaderAt: the engine then reads through ReadAtContext with a
+//     per-connection context that is cancelled when the connection is torn
+//     down (at the latest once TransmissionOptions.DrainTimeout has passed
+//     after cancellation or NBD_CMD_DISC, at once when the peer is gone), so
+//     a read stuck on an unreachable registry does not hold up shutdown.
+//     A device with only ReadAt cannot be interrupted: its stuck read is
+//     left behind after the drain timeout (the reply is dropped; its buffer
+//     is not reused until the read returns).
+//   - Staller: MayStall reporting true sends every read to a handler
+//     goroutine instead of letting the connection's reader serve small ones
+//     itself while the device answers fast.
 type Device interface {
 	io.ReaderAt
 	Size() int64
+}
+
+// ContextReaderAt is a Device whose reads can be cancelled. ReadAtContext
+// has ReadAt's contract, and returns soon after ctx is done (with an error,
+// unless the data is complete).
+type ContextReaderAt interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// Staller is a Device that knows whether a read may wait a long time (a
+// chunk fetched from a registry). MayStall must not change while the device
+// is served.
+type Staller interface {
+	MayStall() bool
+}
+
+// mayStall reports whether dev says its reads may stall; devices that do not
+// say are taken to answer at page-cache or memory speed.
+func mayStall(dev Device) bool {
+	s, ok := dev.(Staller)
+	return ok && s.MayStall()
 }
 
 // Export is one named device offered to network clients.

@@ -53,9 +53,6 @@ const (
 	// defaultReadyTimeout bounds the wait for /sys/block/nbdN/size to show
 	// the device's capacity; generous for loaded or emulated machines.
 	defaultReadyTimeout = 30 * time.Second
-	// defaultDrainTimeout bounds how long Detach waits for the servers to see
-	// the kernel's NBD_CMD_DISC before it closes the sockets itself.
-	defaultDrainTimeout = 10 * time.Second
 )
 
 // KernelOptions say how to attach a Device to the kernel's NBD driver.
@@ -90,7 +87,8 @@ type KernelOptions struct {
 	BackendID string
 	// UseIoctl skips netlink and uses the legacy ioctl interface.
 	UseIoctl bool
-	// Transmission is passed to ServeTransmission for every connection.
+	// Transmission is passed to ServeTransmission for every connection. Its
+	// DrainTimeout also bounds Detach.
 	Transmission TransmissionOptions
 	// ReadyTimeout bounds the wait until the kernel shows the device's size;
 	// 0 means 30 s.

@@ -39,6 +39,8 @@ type KernelAttachment struct {
 	backendID   string
 	log         *zerolog.Logger
 	serveCancel context.CancelFunc
+	abort       chan struct{} // closed by Detach: the servers stop without a drain
+	drain       time.Duration // the servers' DrainTimeout
 	servers     sync.WaitGroup
 	done        chan struct{} // closed once every server has returned
 	detaching   atomic.Bool
@@ -161,13 +163,7 @@ func hungUp(f *os.File) bool {
 	if err != nil {
 		return true
 	}
-	gone := false
-	_ = rc.Control(func(fd uintptr) {
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
-		n, err := unix.Poll(pfd, 0)
-		gone = err == nil && n == 1 && pfd[0].Revents&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR) != 0
-	})
-	return gone
+	return pollHangup(rc, unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR)
 }
 
 // serverConns turns server ends into net.Conns (which own dups of them) and
@@ -198,6 +194,8 @@ func newKernelAttachment(index int, method string, o *KernelOptions) *KernelAtta
 		backendID: o.BackendID,
 		log:       o.logger(),
 		done:      make(chan struct{}),
+		abort:     make(chan struct{}),
+		drain:     o.Transmission.drainTimeout(),
 	}
 }
 
@@ -208,6 +206,7 @@ func newKernelAttachment(index int, method string, o *KernelOptions) *KernelAtta
 func (a *KernelAttachment) serve(conns []net.Conn, dev Device, opts TransmissionOptions) {
 	ctx, cancel := context.WithCancel(context.Background())
 	a.serveCancel = cancel
+	opts.abort = a.abort
 	a.Connections = len(conns)
 	a.servers.Add(len(conns))
 	for i, conn := range conns {
@@ -253,9 +252,11 @@ func (a *KernelAttachment) Err() error {
 
 // Detach disconnects the device (the kernel sends NBD_CMD_DISC on every
 // socket and fails any later I/O, so unmount first) and waits for the
-// connections to end. ctx bounds the wait; on expiry the sockets are closed
-// from our side. Detaching twice, or after the kernel ended the session, is
-// harmless.
+// connections to end: at most the transmission's DrainTimeout, or until ctx
+// is done, after which the sockets are closed from our side and device reads
+// still running are cancelled (or left behind, on a device that cannot be
+// cancelled), so Detach returns soon after even when a read never does.
+// Detaching twice, or after the kernel ended the session, is harmless.
 func (a *KernelAttachment) Detach(ctx context.Context) error {
 	if a.detaching.Swap(true) {
 		<-a.done
@@ -269,20 +270,21 @@ func (a *KernelAttachment) Detach(ctx context.Context) error {
 	default:
 		err = a.disconnect()
 	}
-	drain := time.NewTimer(defaultDrainTimeout)
+	drain := time.NewTimer(a.drain)
 	defer drain.Stop()
 	select {
 	case <-a.done:
 	case <-drain.C:
-		a.log.Warn().Str("device", a.Path).Msg("nbd: the kernel did not close the connections; closing them")
+		a.log.Warn().Str("device", a.Path).Msg("nbd: the connections did not end within the drain timeout; closing them")
 	case <-ctx.Done():
 	}
+	close(a.abort)
 	a.serveCancel()
 	<-a.done
 	if a.ioctl != nil {
 		// DO_IT returns once every socket is gone. Its own error says little
 		// (see doc §1.2 step 8), so only a DO_IT that never returns counts.
-		wctx, cancel := context.WithTimeout(context.Background(), defaultDrainTimeout)
+		wctx, cancel := context.WithTimeout(context.Background(), a.drain)
 		werr := a.ioctl.wait(wctx)
 		cancel()
 		switch {

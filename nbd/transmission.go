@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -27,8 +28,11 @@ type TransmissionOptions struct {
 	// EINVAL and the connection carries on. 0 means MaxRequestSize (32 MiB),
 	// which is also the upper bound.
 	MaxRequestSize uint32
-	// DrainTimeout bounds how long replies to requests already read may take
-	// to reach the peer once ctx is cancelled. 0 means 10 s.
+	// DrainTimeout bounds how long requests already read may take to be
+	// answered once ctx is cancelled or the peer sent NBD_CMD_DISC. Device
+	// reads still running then are cancelled (ContextReaderAt) or left
+	// behind, their replies dropped, and the connection is closed. 0 means
+	// 10 s.
 	DrainTimeout time.Duration
 	// WriteTimeout ends the connection when the peer takes no reply bytes
 	// for this long, so that a peer that stops reading cannot hold buffers
@@ -42,11 +46,11 @@ type TransmissionOptions struct {
 	// bounded amount of memory. 0 means 64 MiB; it is raised to at least
 	// one largest request.
 	MaxBufferedBytes int64
-	// DeviceMayStall sends every read to a handler. By default the reader
-	// serves small reads itself while the device answers at page-cache
-	// speed, which is cheaper than waking a handler, but then a read that
-	// suddenly takes long (a chunk fetched from a registry) holds up the
-	// requests behind it once. Set it for devices that fetch lazily.
+	// DeviceMayStall sends every read to a handler, as a device's MayStall
+	// reporting true does.
+	//
+	// Deprecated: a device says whether it may stall through Staller. The
+	// field goes once package main no longer sets it.
 	DeviceMayStall bool
 	// Logger receives device errors and connection diagnostics; nil is silent.
 	Logger *zerolog.Logger
@@ -57,6 +61,9 @@ type TransmissionOptions struct {
 	// shared, if set, is a budget every connection of a Server draws from
 	// in addition to its own.
 	shared *byteBudget
+	// abort, once closed, tears the connection down without a drain: the
+	// kernel attachment's Detach uses it when its own wait has run out.
+	abort <-chan struct{}
 }
 
 const (
@@ -65,6 +72,13 @@ const (
 	// socket) with one read system call.
 	readBufferSize = 64 << 10
 	defaultDrain   = 10 * time.Second
+	// cancelGrace is how long cancelled device reads get to return before
+	// the engine stops waiting for them.
+	cancelGrace = 200 * time.Millisecond
+	// peerCheckInterval is how often the engine checks whether the peer has
+	// hung up, which the reader cannot see while it waits on the device, a
+	// free slot or the buffer budget rather than on the socket.
+	peerCheckInterval = time.Second
 	// defaultBufferedBytes is a connection's default MaxBufferedBytes.
 	defaultBufferedBytes = 64 << 20
 	// A read of at most inlineMaxLength bytes is served by the reader itself
@@ -88,8 +102,14 @@ const (
 // in completion order.
 //
 // It returns nil after NBD_CMD_DISC or after ctx is cancelled, in both cases
-// once every request already read has been answered (or DrainTimeout has
-// passed). On cancellation, requests still in the socket are left unread
+// once every request already read has been answered, or DrainTimeout has
+// passed: device reads still running then are cancelled through the
+// connection's context (see ContextReaderAt) or, on a device that cannot be
+// cancelled, left behind, and their replies are dropped; so it returns
+// within DrainTimeout plus a fraction of a second whatever the device does.
+// When the peer has hung up entirely (the kernel after a disconnect), no
+// reply can be delivered and reads still running are cancelled at once. On
+// cancellation, requests still in the socket are left unread
 // and unanswered rather than failed with ESHUTDOWN: the kernel re-sends them
 // on the socket a restarted server attaches, and a network client sees the
 // connection close. It returns an error wrapping io.EOF when the peer closed
@@ -144,10 +164,15 @@ type engine struct {
 	// readNanos is a moving average of how long device reads take. While
 	// it is low the reader serves small reads itself; see readLoop.
 	readNanos atomic.Int64
-	inline    bool // reads may be served by the reader (not DeviceMayStall)
+	inline    bool // reads may be served by the reader (the device does not say it may stall)
 
-	cancelled   atomic.Bool // ctx was cancelled: stop reading, drain
-	writeFailed atomic.Bool // a write failed: stop reading
+	ctxDev  ContextReaderAt // dev, if its reads can be cancelled
+	readCtx context.Context // cancelled when the connection is torn down
+	raw     syscall.RawConn // conn's socket, to poll for a hang-up; may be nil
+
+	cancelled atomic.Bool           // ctx was cancelled: stop reading, drain
+	writeErr  atomic.Pointer[error] // the first failed write: stop reading
+	tornDown  atomic.Bool           // drain over: reads cancelled, conn closed
 
 	// The writer role: whoever has a finished reply queues it; if no one is
 	// writing, it becomes the writer and sends everything queued, one
@@ -163,12 +188,15 @@ type engine struct {
 	// Writer-role state, reused so the hot path does not allocate.
 	writeTimeout  time.Duration
 	deadlineSetAt time.Time // when the write deadline was last pushed out
-	writeErr      error
 	iov           [][]byte
 	out           net.Buffers
 }
 
-var errDisconnect = errors.New("nbd: disconnect requested") // internal: DISC seen
+// Internal reasons the reader stopped.
+var (
+	errDisconnect = errors.New("nbd: disconnect requested") // DISC seen
+	errTornDown   = errors.New("nbd: connection torn down") // drain over or aborted
+)
 
 // maxRequestSize is the largest request served: MaxRequestSize, or the
 // protocol's limit when it is unset or above it.
@@ -177,6 +205,14 @@ func (o *TransmissionOptions) maxRequestSize() uint32 {
 		return MaxRequestSize
 	}
 	return o.MaxRequestSize
+}
+
+// drainTimeout is DrainTimeout, or its default when unset.
+func (o *TransmissionOptions) drainTimeout() time.Duration {
+	if o.DrainTimeout <= 0 {
+		return defaultDrain
+	}
+	return o.DrainTimeout
 }
 
 // budgetFloor raises a buffer budget to hold at least one largest request,
@@ -191,10 +227,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		handlers = max(8, 4*runtime.GOMAXPROCS(0))
 	}
 	maxRequest := opts.maxRequestSize()
-	drain := opts.DrainTimeout
-	if drain <= 0 {
-		drain = defaultDrain
-	}
+	drain := opts.drainTimeout()
 	buffers := opts.buffers
 	if buffers == nil {
 		buffers = new(bufferPool)
@@ -239,7 +272,16 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		e.free <- new(request)
 	}
 	e.readNanos.Store(8 * int64(inlineThreshold))
-	e.inline = !opts.DeviceMayStall
+	e.inline = !opts.DeviceMayStall && !mayStall(dev)
+	e.ctxDev, _ = dev.(ContextReaderAt)
+	if sc, ok := conn.(syscall.Conn); ok {
+		e.raw, _ = sc.SyscallConn()
+	}
+	// The reads' context keeps ctx's values but not its cancellation: on
+	// cancellation requests already read are still served, for a while.
+	readCtx, cancelReads := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelReads()
+	e.readCtx = readCtx
 
 	stopWatch := context.AfterFunc(ctx, func() {
 		e.cancelled.Store(true)
@@ -247,6 +289,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		_ = conn.SetReadDeadline(time.Unix(1, 0))
 		_ = conn.SetWriteDeadline(time.Now().Add(drain))
 	})
+	defer stopWatch()
 
 	var workers sync.WaitGroup
 	for range handlers {
@@ -257,23 +300,134 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 			}
 		})
 	}
-	readErr := e.readLoop()
-	close(e.work)
-	// Every reply queued so far is written by the time the handlers are
-	// done: the writer role is only given up with an empty queue.
-	workers.Wait()
-	stopWatch()
+	// The reader runs on a goroutine of its own so that this one can stop
+	// waiting for it: the reader may be stuck in a device read it serves
+	// itself, or waiting for a slot or buffer that stuck reads hold.
+	var readErr error
+	readerDone := make(chan struct{})
+	allDone := make(chan struct{})
+	go func() {
+		readErr = e.readLoop()
+		close(readerDone)
+		close(e.work)
+		// Every reply queued so far is written by the time the handlers
+		// are done: the writer role is only given up with an empty queue.
+		workers.Wait()
+		close(allDone)
+	}()
+	peerGone := e.await(ctx, opts.abort, drain, readerDone, allDone, func() {
+		// Close first, so that no reply to a read failed by its
+		// cancellation goes out as EIO: the kernel re-sends an unanswered
+		// request on the socket a restarted server attaches.
+		_ = conn.Close()
+		cancelReads()
+	})
 	_ = conn.Close()
 
+	// The reader may still be stuck (its result is then unknown), or have
+	// stopped only because the teardown closed the connection.
+	stoppedByTeardown := true
+	select {
+	case <-readerDone:
+		stoppedByTeardown = errors.Is(readErr, errTornDown)
+	default:
+	}
 	switch {
-	case e.writeErr != nil:
-		return fmt.Errorf("nbd: writing reply: %w", e.writeErr)
-	case errors.Is(readErr, errDisconnect), e.cancelled.Load():
+	case e.writeErr.Load() != nil:
+		return fmt.Errorf("nbd: writing reply: %w", *e.writeErr.Load())
+	case e.cancelled.Load():
+		return nil
+	case stoppedByTeardown && peerGone:
+		return fmt.Errorf("nbd: peer hung up with device reads in flight: %w", io.EOF)
+	case stoppedByTeardown: // aborted (Detach)
+		return nil
+	case errors.Is(readErr, errDisconnect):
 		return nil
 	default:
 		return readErr
 	}
 }
+
+// await waits for the connection to finish: for the reader to stop and every
+// request it took in to be answered. Once teardown begins (ctx cancelled, or
+// the reader stopped: DISC, end of stream, a failed write) requests already
+// read get drain to finish, then stop is called, which cancels the device
+// reads still running and closes the connection, and those reads get
+// cancelGrace to return before they are left behind. A write failure, a
+// peer that hung up or a closed abort skip the drain: no reply can reach
+// the peer, or the caller wants the connection gone. await reports whether
+// it found the peer gone.
+func (e *engine) await(ctx context.Context, abort <-chan struct{}, drain time.Duration,
+	readerDone, allDone <-chan struct{}, stop func()) (peerGone bool) {
+	check := time.NewTicker(peerCheckInterval)
+	defer check.Stop()
+	var drainTimer *time.Timer
+	var drained <-chan time.Time // nil until teardown begins
+	beginDrain := func() {
+		if drainTimer == nil {
+			drainTimer = time.NewTimer(drain)
+			drained = drainTimer.C
+		}
+	}
+	defer func() {
+		if drainTimer != nil {
+			drainTimer.Stop()
+		}
+	}()
+	ctxDone := ctx.Done()
+wait:
+	for {
+		select {
+		case <-allDone:
+			return false
+		case <-readerDone:
+			readerDone = nil
+			if e.writeErr.Load() != nil {
+				break wait
+			}
+			if e.peerGone() {
+				peerGone = true
+				break wait
+			}
+			beginDrain()
+		case <-ctxDone:
+			ctxDone = nil
+			beginDrain()
+		case <-check.C:
+			if e.peerGone() {
+				peerGone = true
+				break wait
+			}
+		case <-abort:
+			break wait
+		case <-drained:
+			e.log.Warn().Dur("drain_timeout", drain).Int("in_flight", e.inFlight()).
+				Msg("nbd: requests not answered within the drain timeout; cancelling their device reads")
+			break wait
+		}
+	}
+	e.tornDown.Store(true)
+	stop()
+	grace := time.NewTimer(cancelGrace)
+	defer grace.Stop()
+	select {
+	case <-allDone:
+		return peerGone
+	case <-grace.C:
+		// A device read that ignores cancellation (or a plain ReadAt) is
+		// left to finish on its own; its reply goes nowhere and its buffer
+		// returns to the pool only then.
+		e.log.Warn().Int("in_flight", e.inFlight()).
+			Msg("nbd: device reads did not return after cancellation; leaving them behind")
+		return peerGone
+	}
+}
+
+// peerGone reports whether the peer can take no more replies.
+func (e *engine) peerGone() bool { return e.raw != nil && peerHungUp(e.raw) }
+
+// inFlight is how many requests hold a slot: taken in and not yet answered.
+func (e *engine) inFlight() int { return cap(e.free) - len(e.free) }
 
 // readLoop is the connection's reader. It pulls request headers until DISC,
 // cancellation, a broken stream or a write failure. READs go to the
@@ -283,6 +437,9 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 func (e *engine) readLoop() error {
 	defer e.releaseHeld()
 	for {
+		if e.tornDown.Load() {
+			return errTornDown // do not start on requests still buffered
+		}
 		if len(e.held) > 0 && e.in.Buffered() < requestHeaderSize {
 			e.releaseHeld() // the next read may wait for the peer
 		}
@@ -394,7 +551,9 @@ func (e *engine) releaseHeld() {
 // current request had arrived.
 func (e *engine) readError(err error, partial int) error {
 	switch {
-	case e.writeFailed.Load(), e.cancelled.Load():
+	case e.tornDown.Load():
+		return errTornDown
+	case e.writeErr.Load() != nil, e.cancelled.Load():
 		return err // the caller reports the real reason
 	case errors.Is(err, io.EOF) && partial == 0:
 		return fmt.Errorf("nbd: peer closed the connection without NBD_CMD_DISC: %w", err)
@@ -418,7 +577,7 @@ func (e *engine) readInto(r *request, buf *[]byte) {
 	if e.inline { // only the inline decision uses the average
 		start = time.Now()
 	}
-	n, err := readFully(e.dev, data, r.offset)
+	n, err := e.readFully(data, r.offset)
 	if e.inline {
 		e.recordReadTime(time.Since(start))
 	}
@@ -430,6 +589,11 @@ func (e *engine) readInto(r *request, buf *[]byte) {
 	r.setError(errIO)
 	if err == nil {
 		err = io.ErrShortBuffer
+	}
+	if e.readCtx.Err() != nil {
+		// Cancelled by the teardown, which already said so; the reply is
+		// not sent.
+		return
 	}
 	e.log.Warn().Err(err).Int64("offset", r.offset).Int("length", r.length).Msg("nbd: device read failed")
 }
@@ -481,15 +645,19 @@ func (e *engine) releaseBudget(n int64) {
 	e.budget.release(n)
 }
 
-// readFully calls ReadAt, turning a panic in the device into an error so one
-// bad request cannot take the server down.
-func readFully(dev Device, p []byte, off int64) (n int, err error) {
+// readFully reads from the device, through ReadAtContext when it has it,
+// turning a panic in the device into an error so one bad request cannot take
+// the server down.
+func (e *engine) readFully(p []byte, off int64) (n int, err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			n, err = 0, fmt.Errorf("device panicked: %v", v)
 		}
 	}()
-	return dev.ReadAt(p, off)
+	if e.ctxDev != nil {
+		return e.ctxDev.ReadAtContext(e.readCtx, p, off)
+	}
+	return e.dev.ReadAt(p, off)
 }
 
 // queue hands a finished reply to the writer role, taking the role if it is
@@ -521,10 +689,19 @@ func (e *engine) writeQueued() {
 	e.writeMu.Unlock()
 }
 
+// failWrite records the first write failure and stops the reader; a
+// function of its own so that only a failure moves err to the heap.
+func (e *engine) failWrite(err error) {
+	e.writeErr.CompareAndSwap(nil, &err)
+	_ = e.conn.SetReadDeadline(time.Unix(1, 0))
+}
+
 // send writes a batch of replies with one writev and recycles their slots.
 // Only the writer role calls it.
 func (e *engine) send(batch []*request) {
-	if e.writeErr == nil {
+	// After the teardown the connection is closed: replies to reads that
+	// finished late go nowhere, and that is no write failure.
+	if e.writeErr.Load() == nil && !e.tornDown.Load() {
 		if e.writeTimeout > 0 && !e.cancelled.Load() {
 			// Pushing the deadline out costs a timer update, so do it only
 			// when a quarter of the timeout has gone by: every write still
@@ -545,9 +722,7 @@ func (e *engine) send(batch []*request) {
 		if _, err := e.out.WriteTo(e.conn); err != nil {
 			// The stream is broken: stop the reader; slots keep being
 			// recycled so that every handler can finish.
-			e.writeErr = err
-			e.writeFailed.Store(true)
-			_ = e.conn.SetReadDeadline(time.Unix(1, 0))
+			e.failWrite(err)
 		}
 		clear(iov)
 		e.iov = iov[:0]

@@ -561,11 +561,17 @@ func TestServeTransmissionAdaptsToSlowDevice(t *testing.T) {
 	checkBytes(t, c.data(t, 1024), dev.data[60<<10:61<<10], "the slow read")
 }
 
-// With DeviceMayStall, no warm streak makes the reader serve reads itself: a
-// read stuck in the device is overtaken by the ones behind it.
+// stallingDevice is a switchableDevice that says its reads may stall.
+type stallingDevice struct{ switchableDevice }
+
+func (d *stallingDevice) MayStall() bool { return true }
+
+// With a device whose MayStall is true, no warm streak makes the reader serve
+// reads itself: a read stuck in the device is overtaken by the ones behind it.
 func TestServeTransmissionDeviceMayStall(t *testing.T) {
-	dev := &switchableDevice{memDevice: memDevice{data: randomBytes(1<<16, 17)}, slowOff: 60 << 10}
-	c, _ := startEngine(t, context.Background(), dev, TransmissionOptions{Handlers: 4, DeviceMayStall: true})
+	sd := &stallingDevice{switchableDevice{memDevice: memDevice{data: randomBytes(1<<16, 17)}, slowOff: 60 << 10}}
+	dev := &sd.switchableDevice
+	c, _ := startEngine(t, context.Background(), sd, TransmissionOptions{Handlers: 4})
 	for i := range 64 {
 		off := uint64(i%32) * 1024
 		checkBytes(t, c.read(t, uint64(i), off, 1024), dev.data[off:off+1024], "warm read")
