@@ -387,3 +387,29 @@ func TestRegistryFaults(t *testing.T) {
 		}
 	}
 }
+
+// TestRegistryMissingBlobMessage: against a real registry, the backend's
+// error for a blob it does not have names the blob once, in a short line.
+// (blobcache and rafs each add the id again on top of it when a cache
+// reads through the backend; that wrapping is theirs.)
+func TestRegistryMissingBlobMessage(t *testing.T) {
+	addr := testregistry.Start(t)
+	testregistry.PushBlob(t, addr, "rafsnbd/test", sha256hex([]byte("present")), []byte("present"))
+	store, err := registry.New(addr+"/rafsnbd/test", registry.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := sha256hex([]byte("absent"))
+	be, err := store.Open(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = be.ReadAt(context.Background(), make([]byte, 10), 0)
+	if !errors.Is(err, blobcache.ErrNotFound) {
+		t.Fatalf("missing blob: %v, want ErrNotFound", err)
+	}
+	t.Logf("%d characters: %v", len(err.Error()), err)
+	if n := strings.Count(err.Error(), id); n != 1 || len(err.Error()) >= 200 {
+		t.Errorf("the blob id appears %d times in %d characters: %q", n, len(err.Error()), err)
+	}
+}

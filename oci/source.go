@@ -157,14 +157,10 @@ func (s *registrySource) manifest(ctx context.Context, d v1.Hash, limit int64) (
 	return s.fetchManifest(ctx, d.String(), limit)
 }
 
-// blob's error names the repository, not the digest: the caller names the
-// blob (layer N (digest), config digest).
+// blob's error names neither the image nor the digest: the caller names
+// what it asked for ("layer 0 (sha256:...)", "IMAGE: config sha256:...").
 func (s *registrySource) blob(ctx context.Context, d v1.Hash) (io.ReadCloser, error) {
-	rc, err := s.client.Blob(ctx, d.String())
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", s.ref.Context(), err)
-	}
-	return rc, nil
+	return s.client.Blob(ctx, d.String())
 }
 
 // ---------------------------------------------------------------------------

@@ -122,10 +122,17 @@ type Blob struct {
 // blobcache.ErrNotFound.
 func (b *Blob) fail(err error) error {
 	if errors.Is(err, regclient.ErrNotFound) {
-		return fmt.Errorf("registry: %s@%s: %w: %w", b.client.Repository(), b.digest, blobcache.ErrNotFound, err)
+		err = notFound{err}
 	}
 	return fmt.Errorf("registry: %s@%s: %w", b.client.Repository(), b.digest, err)
 }
+
+// notFound is a 404 that is also blobcache.ErrNotFound, without saying
+// "not found" twice.
+type notFound struct{ error }
+
+func (e notFound) Unwrap() error      { return e.error }
+func (notFound) Is(target error) bool { return target == blobcache.ErrNotFound }
 
 // ReadAt reads len(p) stored bytes at off with one or more Range requests.
 // It returns io.EOF when the blob ends before p is full.

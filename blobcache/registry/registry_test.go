@@ -86,7 +86,8 @@ func (f *fakeRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusNotFound)
-		io.WriteString(w, `{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}`)
+		// As distribution answers: the detail repeats the digest.
+		fmt.Fprintf(w, `{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":%q}]}`, strings.TrimPrefix(r.URL.Path, prefix))
 		return
 	}
 	f.mu.Lock()
@@ -410,5 +411,40 @@ func TestForwardProxy(t *testing.T) {
 	}
 	if n := relayed.Load(); n < 2 {
 		t.Errorf("proxy relayed %d requests, want the ping and the read", n)
+	}
+}
+
+// TestMissingBlobMessage: a missing blob's error names the blob once, with
+// what the registry said, in a short line (was 569 characters naming it
+// three times, five through the cache).
+func TestMissingBlobMessage(t *testing.T) {
+	reg, _ := newFakeRegistry(t, randomBytes(100, 8))
+	id := strings.Repeat("ab", 32)
+	_, be := openBlob(t, reg.ref(), id, fastOptions())
+	for _, op := range []func() error{
+		func() error { _, err := be.ReadAt(context.Background(), make([]byte, 10), 0); return err },
+		func() error { _, err := be.Size(context.Background()); return err },
+	} {
+		err := op()
+		if !errors.Is(err, blobcache.ErrNotFound) {
+			t.Fatalf("missing blob: %v, want ErrNotFound", err)
+		}
+		checkBlobMessage(t, err, id)
+		if !strings.HasPrefix(err.Error(), "registry: "+reg.ref()+"@sha256:"+id+": HTTP 404 Not Found") {
+			t.Errorf("missing blob: %q", err)
+		}
+	}
+}
+
+// checkBlobMessage wants the blob id exactly once in a message under 200
+// characters.
+func checkBlobMessage(t *testing.T, err error, id string) {
+	t.Helper()
+	t.Logf("%d characters: %v", len(err.Error()), err)
+	if n := strings.Count(err.Error(), id); n != 1 {
+		t.Errorf("the blob id appears %d times in %q", n, err)
+	}
+	if len(err.Error()) >= 200 {
+		t.Errorf("%d characters: %q", len(err.Error()), err)
 	}
 }

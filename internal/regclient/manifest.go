@@ -104,6 +104,9 @@ func (c *Client) Tags(ctx context.Context) ([]string, error) {
 // noSuchTag explains a 404 for a tag with the tags the repository has.
 func (c *Client) noSuchTag(ctx context.Context, cause error) error {
 	tags, err := c.Tags(ctx)
+	if errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("no such repository: %w", err)
+	}
 	if err != nil {
 		// Unknown repository, or no tag listing: say what the registry said.
 		return fmt.Errorf("no such tag: %w", cause)

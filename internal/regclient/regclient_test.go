@@ -146,7 +146,7 @@ func TestMissingTag(t *testing.T) {
 		return false
 	}
 	_, _, err = c.Manifest(ctx, "nope", "", 1<<20)
-	if want := "no such tag: registry answered 404 Not Found (MANIFEST_UNKNOWN: manifest unknown to registry)"; err == nil || err.Error() != want {
+	if want := "no such tag: HTTP 404 Not Found (MANIFEST_UNKNOWN: manifest unknown to registry)"; err == nil || err.Error() != want {
 		t.Errorf("missing tag, no listing: %v, want %q", err, want)
 	}
 }
@@ -158,7 +158,7 @@ func TestMissingBlobMessage(t *testing.T) {
 	c := f.client(t, Options{})
 	missing := "sha256:" + strings.Repeat("cd", 32)
 	_, _, err := c.ReadBlobAt(context.Background(), missing, make([]byte, 10), 0)
-	if want := "registry answered 404 Not Found (BLOB_UNKNOWN: blob unknown to registry)"; err == nil || err.Error() != want {
+	if want := "HTTP 404 Not Found (BLOB_UNKNOWN: blob unknown to registry)"; err == nil || err.Error() != want {
 		t.Errorf("missing blob: %v, want %q", err, want)
 	}
 	if !errors.Is(err, ErrNotFound) {
@@ -201,7 +201,7 @@ func TestRetry5xx(t *testing.T) {
 	}
 	c = f.client(t, Options{Retries: 2})
 	_, _, err := c.Manifest(context.Background(), "v1", "", 1<<20)
-	if want := "registry answered 503 Service Unavailable (UNAVAILABLE: try later) (gave up after 3 tries)"; err == nil || err.Error() != want {
+	if want := "HTTP 503 Service Unavailable (UNAVAILABLE: try later) (gave up after 3 tries)"; err == nil || err.Error() != want {
 		t.Errorf("persistent 503: %v, want %q", err, want)
 	}
 

@@ -129,7 +129,7 @@ type StatusError struct {
 }
 
 func (e *StatusError) Error() string {
-	s := "registry answered " + e.Status
+	s := "HTTP " + e.Status
 	if len(e.Errors) > 0 {
 		s += " (" + strings.Join(e.Errors, "; ") + ")"
 	}
