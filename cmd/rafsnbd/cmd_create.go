@@ -39,7 +39,12 @@ as <sha256 of the tar>, or as --blob-id), and the bootstrap points at file
 data inside it with 512-byte blocks. Entries apply as OCI layer extraction
 does: names are cleaned, names escaping the root are an error, later entries
 replace earlier ones, missing parents appear as 0755 directories. A tar on
-standard input is spooled into BLOBDIR first.
+standard input is spooled into BLOBDIR first. A gzip or zstd tar (told by its
+first bytes) is decompressed into BLOBDIR: the blob is the tar inside.
+
+The outputs may lie inside a source directory (create -B DIR/image.boot
+-D DIR/blobs DIR): they are left out of the image. A create that fails
+removes the blob directory if it made it.
 
 Builds are reproducible: the same SOURCE gives the same bytes. Prints the
 bootstrap and every blob with its size. Then, for example:
@@ -61,14 +66,13 @@ bootstrap and every blob with its size. Then, for example:
 	})
 }
 
-func runCreate(ctx context.Context, c *cli.Command) error {
+func runCreate(ctx context.Context, c *cli.Command) (err error) {
 	log := logger(ctx)
 	if c.NArg() != 1 {
 		return errors.New("give exactly one SOURCE: a directory, a tar file, or - for a tar on stdin")
 	}
 	src := c.Args().First()
 	opts := build.DefaultOptions(c.String("blob-dir"))
-	var err error
 	if opts.Compressor, err = rafs.ParseCompressor(c.String("compressor")); err != nil {
 		return err
 	}
@@ -109,6 +113,17 @@ func runCreate(ctx context.Context, c *cli.Command) error {
 		return errors.New("--blob-id applies to tarfs only: dir-mode blobs are named by their sha256")
 	}
 
+	undoBlobDir, err := makeBlobDir(opts.BlobDir)
+	if err != nil {
+		return err
+	}
+	var res *build.Result
+	defer func() {
+		if err != nil {
+			undoBlobDir(res)
+		}
+	}()
+
 	bootPath := c.String("bootstrap")
 	boot, err := os.CreateTemp(filepath.Dir(bootPath), "."+filepath.Base(bootPath)+".*")
 	if err != nil {
@@ -118,7 +133,9 @@ func runCreate(ctx context.Context, c *cli.Command) error {
 	bw := bufio.NewWriterSize(boot, 1<<20)
 
 	log.Debug().Str("source", src).Stringer("type", typ).Msg("building")
-	var res *build.Result
+	// The outputs may lie inside a source directory: they are not part of
+	// the image (the blob dir is left out by the build itself).
+	opts.Exclude = []string{bootPath, boot.Name()}
 	if typ == build.TypeDir {
 		res, err = build.FromDir(ctx, src, bw, opts)
 	} else {
@@ -181,7 +198,14 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 		}
 		defer f.Close()
 	}
-	return build.FromTar(ctx, f, boot, opts)
+	res, err := build.FromTar(ctx, f, boot, opts)
+	if err != nil {
+		if src == "-" {
+			src = "stdin"
+		}
+		return nil, fmt.Errorf("%s: %w", src, err)
+	}
+	return res, nil
 }
 
 // checkChunkSize checks a --chunk-size: a power of two from 4K to 16M.
