@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -214,5 +215,39 @@ func TestFromDirExcludesOutputs(t *testing.T) {
 	opts = DefaultOptions(src)
 	if _, err := FromDir(context.Background(), src, io.Discard, opts); err == nil || !strings.Contains(err.Error(), "is one of the build's outputs") {
 		t.Errorf("source = blob dir: %v", err)
+	}
+}
+
+type failingWriter struct{}
+
+func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("disk full") }
+
+// TestFromTarFailedBootstrapLeavesNoBlob: when the bootstrap cannot be
+// written, the tar's blob (copied, linked or decompressed) is not left in
+// the blob directory either.
+func TestFromTarFailedBootstrapLeavesNoBlob(t *testing.T) {
+	tb := makeTar(t, reg("a", strings.Repeat("a", 10000)))
+	file := filepath.Join(t.TempDir(), "layer.tar")
+	if err := os.WriteFile(file, tb, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for name, r := range map[string]io.ReaderAt{
+		"file":   f,
+		"memory": bytes.NewReader(tb),
+		"gzip":   bytes.NewReader(gzipBytes(t, tb)),
+	} {
+		blobDir := t.TempDir()
+		_, err := FromTar(context.Background(), r, failingWriter{}, DefaultOptions(blobDir))
+		if err == nil || !strings.Contains(err.Error(), "disk full") {
+			t.Errorf("%s: %v, want the writer's error", name, err)
+		}
+		if names := blobDirNames(t, blobDir); len(names) != 0 {
+			t.Errorf("%s: a failed build left %q in the blob dir", name, names)
+		}
 	}
 }

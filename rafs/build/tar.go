@@ -61,6 +61,15 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 		tree   *pathTree
 		placed *placedTar
 	)
+	// The blob takes its name only once the bootstrap is written; until
+	// then a failure removes it, so that a failed build leaves nothing
+	// behind (nor a blob that no bootstrap names).
+	committed := false
+	defer func() {
+		if placed != nil && !committed {
+			os.Remove(placed.tmp)
+		}
+	}()
 	comp, err := DetectCompression(r, size)
 	if err != nil {
 		return nil, err
@@ -73,7 +82,6 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 		}
 		f, err := os.Open(placed.tmp)
 		if err != nil {
-			os.Remove(placed.tmp)
 			return nil, fmt.Errorf("build: %w", err)
 		}
 		defer f.Close()
@@ -90,18 +98,10 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 			return err
 		})
 	}
-	err = g.Wait()
-	if placed != nil && err != nil {
-		os.Remove(placed.tmp)
-	}
-	if err != nil {
+	if err := g.Wait(); err != nil {
 		return nil, err
 	}
 
-	blobPath, err := placed.commit()
-	if err != nil {
-		return nil, err
-	}
 	chunk := uint64(opts.ChunkSize)
 	var infos []rafs.ChunkInfo
 	root, err := toNodes(tree.root, func(in *inode, n *rafs.Node) error {
@@ -150,6 +150,11 @@ func FromTar(ctx context.Context, r io.ReaderAt, bootstrap io.Writer, opts Optio
 	if err != nil {
 		return nil, err
 	}
+	blobPath, err := placed.commit()
+	if err != nil {
+		return nil, err
+	}
+	committed = true
 	return &Result{
 		Bootstrap: wres,
 		Blobs: []Blob{{
