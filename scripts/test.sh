@@ -26,6 +26,15 @@ staticcheck ./...
 echo "== go test"
 go test -count=1 -timeout 25m ./...
 
+echo "== README.md's commands, as written"
+if [ "$(id -u)" = 0 ]; then
+  scripts/readme-test.sh
+elif [ "${RAFSNBD_STRICT:-}" = 1 ]; then
+  echo "readme-test needs root (it mounts)" >&2; exit 1
+else
+  echo "SKIP readme-test: needs root (it mounts)"
+fi
+
 echo "== fuzz targets, short runs"
 FUZZTIME="${FUZZTIME:-15s}" scripts/fuzz.sh
 
