@@ -79,5 +79,9 @@ func (b *File) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // Size is the blob file's size.
 func (b *File) Size(context.Context) (int64, error) { return b.size, nil }
 
+// MayStall is false: a local file answers at disk speed, so the NBD engine
+// may serve reads of it inline instead of waking a handler.
+func (b *File) MayStall() bool { return false }
+
 // Close closes the file.
 func (b *File) Close() error { return b.f.Close() }
