@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/urfave/cli/v3"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
@@ -125,11 +125,13 @@ func runCreate(ctx context.Context, c *cli.Command) (err error) {
 	}()
 
 	bootPath := c.String("bootstrap")
-	boot, err := os.CreateTemp(filepath.Dir(bootPath), "."+filepath.Base(bootPath)+".*")
+	// Refused before the build if it is a directory, a device or a
+	// symbolic link; appears only whole and synced.
+	boot, err := atomicfile.Create(bootPath)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(boot.Name()) // no-op once renamed
+	defer boot.Abort()
 	bw := bufio.NewWriterSize(boot, 1<<20)
 
 	log.Debug().Str("source", src).Stringer("type", typ).Msg("building")
@@ -144,14 +146,11 @@ func runCreate(ctx context.Context, c *cli.Command) (err error) {
 	if err == nil {
 		err = bw.Flush()
 	}
-	if cerr := boot.Close(); err == nil {
-		err = cerr
+	if err == nil {
+		err = boot.Chmod(0o644)
 	}
 	if err == nil {
-		err = os.Chmod(boot.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(boot.Name(), bootPath)
+		err = boot.Commit()
 	}
 	if err != nil {
 		return err
@@ -176,12 +175,11 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 		if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
 			return nil, err
 		}
-		spool, err := os.CreateTemp(opts.BlobDir, ".stdin-*")
+		spool, err := atomicfile.CreateIn(opts.BlobDir, "stdin")
 		if err != nil {
 			return nil, err
 		}
-		defer os.Remove(spool.Name())
-		defer spool.Close()
+		defer spool.Abort() // never committed: the build links it to its blob name
 		if _, err := io.CopyBuffer(spool, ctxio.NewReader(ctx, os.Stdin), make([]byte, 1<<20)); err != nil {
 			return nil, fmt.Errorf("spooling stdin: %w", err)
 		}
@@ -190,7 +188,7 @@ func createFromTar(ctx context.Context, src string, boot io.Writer, opts build.O
 		if err := spool.Chmod(0o644); err != nil {
 			return nil, err
 		}
-		f = spool
+		f = spool.File
 	} else {
 		var err error
 		if f, err = os.Open(src); err != nil {

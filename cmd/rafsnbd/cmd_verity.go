@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
+	"syscall"
 
 	"github.com/urfave/cli/v3"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
@@ -44,8 +47,13 @@ says otherwise, so its size must be a multiple of --data-block-size. Do not
 run this twice on a DATA that already holds an appended tree without
 --data-blocks: the old tree would count as data.
 
-HASHFILE is created if missing and is not truncated; the tree is written at
---hash-offset (default 0 in HASHFILE, the end of the data in DATA).`,
+The tree is written at --hash-offset (default 0 in HASHFILE, the end of the
+data in DATA). A missing HASHFILE is created and appears only when complete;
+an existing regular file or block device gets the tree written in, the rest
+of it kept; anything else (a symbolic link, a character device, a
+directory) is refused. The tree is built aside and written into DATA or
+HASHFILE only when complete, so an interrupted format leaves them as they
+were.`,
 					Flags:  verityFlags(),
 					Action: runVerityFormat,
 				},
@@ -171,12 +179,14 @@ func openVerityFiles(c *cli.Command, dataPath, hashPath string, appended, write 
 	if err == nil {
 		p, err = verityParams(c, size, appended)
 	}
-	if err == nil && !appended {
-		hashFlag := os.O_RDONLY
-		if write {
-			hashFlag = os.O_RDWR | os.O_CREATE
+	if err == nil && !appended && write {
+		// nil for a missing HASHFILE: formatInto creates it whole.
+		hash, err = openHashFile(hashPath)
+		if err != nil || hash == nil {
+			hash = data
 		}
-		hash, err = os.OpenFile(hashPath, hashFlag, 0o644)
+	} else if err == nil && !appended {
+		hash, err = os.Open(hashPath)
 		if err != nil {
 			hash = data
 		}
@@ -186,6 +196,53 @@ func openVerityFiles(c *cli.Command, dataPath, hashPath string, appended, write 
 		return nil, nil, p, nil, err
 	}
 	return data, hash, p, closeFiles, nil
+}
+
+// openHashFile opens an existing HASHFILE to write a tree into: a regular
+// file or a block device. It returns nil for a missing one, which is then
+// created whole (atomicfile), and refuses anything else: writing through a
+// symbolic link or into a character device is never what was meant.
+func openHashFile(path string) (*os.File, error) {
+	st, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, nil
+	case err != nil:
+		return nil, err
+	case st.Mode().IsRegular(), st.Mode()&fs.ModeType == fs.ModeDevice: // a block device
+		// O_NOFOLLOW: not through a symbolic link swapped in since.
+		return os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
+	}
+	return nil, atomicfile.CheckTarget(path)
+}
+
+// formatInto builds the tree and writes it into out (DATA or an existing
+// HASHFILE), or into a new hashPath when out is data and the tree is not
+// appended.
+func formatInto(ctx context.Context, data, out *os.File, hashPath string, appended bool, p verity.Params, progress func(int64)) (*verity.Tree, error) {
+	if appended || out != data {
+		tree, err := verity.BuildInto(ctx, data, p, out, verity.WithProgress(progress))
+		if err == nil {
+			err = out.Sync()
+		}
+		return tree, err
+	}
+	tmp, err := atomicfile.Create(hashPath)
+	if err != nil {
+		return nil, err
+	}
+	defer tmp.Abort()
+	tree, err := verity.Build(ctx, data, p, tmp, verity.WithProgress(progress))
+	if err == nil {
+		err = tmp.Truncate(int64(p.HashOffset + p.TreeSize()))
+	}
+	if err == nil {
+		err = tmp.Chmod(0o644)
+	}
+	if err == nil {
+		err = tmp.Commit()
+	}
+	return tree, err
 }
 
 func runVerityFormat(ctx context.Context, c *cli.Command) error {
@@ -204,16 +261,10 @@ func runVerityFormat(ctx context.Context, c *cli.Command) error {
 		Uint64("hash_offset", p.HashOffset).Uint64("tree_bytes", p.TreeSize()).Msg("building dm-verity tree")
 
 	update, finish := newProgress(int64(p.DataSize()), "hashing")
-	tree, err := verity.Build(ctx, data, p, out, verity.WithProgress(update))
+	tree, err := formatInto(ctx, data, out, args[len(args)-1], appended, p, update)
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity format %s: %w", args[0], err)
-	}
-	if err := out.Sync(); err != nil {
-		return fmt.Errorf("verity format: %w", err)
-	}
-	if err := out.Close(); err != nil {
-		return fmt.Errorf("verity format: %w", err)
 	}
 	printTree(c.Root().Writer, tree)
 	log.Info().Msgf("check with: rafsnbd verity verify %s %s %s", verityFlagArgs(p, appended), strings.Join(args, " "), tree.RootHex())

@@ -12,6 +12,7 @@ package atomicfile
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -169,6 +170,12 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	n, err := f.File.WriteAt(p, off)
 	return n, WriteError(f.target(), err)
 }
+
+// ReadFrom hides *os.File's, whose write errors would name the temporary
+// (io.Copy into a File uses it); read errors stay the reader's own.
+func (f *File) ReadFrom(r io.Reader) (int64, error) { return io.Copy(writerOnly{f}, r) }
+
+type writerOnly struct{ io.Writer }
 
 func (f *File) Truncate(size int64) error { return WriteError(f.target(), f.File.Truncate(size)) }
 func (f *File) Chmod(mode os.FileMode) error {

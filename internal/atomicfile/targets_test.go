@@ -2,6 +2,7 @@ package atomicfile
 
 import (
 	"errors"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -236,3 +237,28 @@ func TestCreateInAndIsTemp(t *testing.T) {
 		t.Errorf("temporary still there: %v", err)
 	}
 }
+
+// io.Copy into a File reports a failed write about the target too.
+func TestCopyErrorNamesPath(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	// A 1 MiB tmpfs fills up: ENOSPC.
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		testutil.Unavailable(t, "mount tmpfs: %v", err)
+	}
+	defer unix.Unmount(dir, 0)
+	path := filepath.Join(dir, "big")
+	f, err := Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Abort()
+	_, err = io.Copy(f, io.LimitReader(zeros{}, 4<<20))
+	if want := "cannot write " + path + ": no space left on device"; err == nil || err.Error() != want {
+		t.Fatalf("got %v, want %q", err, want)
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
