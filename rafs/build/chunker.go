@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"golang.org/x/sync/errgroup"
@@ -51,15 +52,16 @@ type blobWriter struct {
 }
 
 // writeDirBlob chunks the regular files (each visited once, in order),
-// sets their Chunks, and writes the blob. It returns nil blob info when
-// there is no data at all.
-func writeDirBlob(ctx context.Context, files []*inode, opts *Options) (*rafs.BlobInfo, *Blob, error) {
+// sets their Chunks, and writes the blob under a temporary name: the
+// caller commits it once the bootstrap is written, or removes it. It
+// returns nil blob info when there is no data at all.
+func writeDirBlob(ctx context.Context, files []*inode, opts *Options) (*rafs.BlobInfo, *Blob, *placedTar, error) {
 	if err := os.MkdirAll(opts.BlobDir, 0o755); err != nil {
-		return nil, nil, fmt.Errorf("build: %w", err)
+		return nil, nil, nil, fmt.Errorf("build: %w", err)
 	}
 	f, err := newBlobTemp(opts.BlobDir)
 	if err != nil {
-		return nil, nil, fmt.Errorf("build: %w", err)
+		return nil, nil, nil, fmt.Errorf("build: %w", err)
 	}
 	bw := &blobWriter{
 		opts: opts,
@@ -72,9 +74,9 @@ func writeDirBlob(ctx context.Context, files []*inode, opts *Options) (*rafs.Blo
 	if err != nil || blob == nil {
 		f.Close()
 		os.Remove(f.Name())
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return info, blob, nil
+	return info, blob, &placedTar{tmp: f.Name(), dir: opts.BlobDir, id: blob.ID, owned: true, mode: opts.BlobMode}, nil
 }
 
 func (bw *blobWriter) run(ctx context.Context, files []*inode) (*rafs.BlobInfo, *Blob, error) {
@@ -261,10 +263,7 @@ func (bw *blobWriter) finish() (*rafs.BlobInfo, *Blob, error) {
 	}
 	id := hex.EncodeToString(bw.sum.Sum(nil))
 	size := int64(ciOff) + int64(len(ci)) + rafs.BlobMetaHeaderSize
-	path, err := commitBlob(bw.f.Name(), bw.opts.BlobDir, id, true, bw.opts.BlobMode)
-	if err != nil {
-		return nil, nil, err
-	}
+	path := filepath.Join(bw.opts.BlobDir, id) // once committed
 	entry := rafs.BlobEntry{
 		ChunkCount:         uint32(len(bw.infos)),
 		Compressor:         bw.opts.Compressor,

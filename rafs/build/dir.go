@@ -47,10 +47,18 @@ func FromDir(ctx context.Context, srcDir string, bootstrap io.Writer, opts Optio
 		return nil, err
 	}
 
-	info, blob, err := writeDirBlob(ctx, w.files, &opts)
+	info, blob, pending, err := writeDirBlob(ctx, w.files, &opts)
 	if err != nil {
 		return nil, err
 	}
+	// As in FromTar, the blob takes its name only once the bootstrap is
+	// written.
+	committed := false
+	defer func() {
+		if pending != nil && !committed {
+			os.Remove(pending.tmp)
+		}
+	}()
 	tree, err := toNodes(root, nil)
 	if err != nil {
 		return nil, err
@@ -68,6 +76,12 @@ func FromDir(ctx context.Context, srcDir string, bootstrap io.Writer, opts Optio
 	})
 	if err != nil {
 		return nil, err
+	}
+	if pending != nil {
+		if _, err := pending.commit(); err != nil {
+			return nil, err
+		}
+		committed = true
 	}
 	return res, nil
 }

@@ -222,10 +222,10 @@ type failingWriter struct{}
 
 func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("disk full") }
 
-// TestFromTarFailedBootstrapLeavesNoBlob: when the bootstrap cannot be
-// written, the tar's blob (copied, linked or decompressed) is not left in
-// the blob directory either.
-func TestFromTarFailedBootstrapLeavesNoBlob(t *testing.T) {
+// TestFailedBootstrapLeavesNoBlob: when the bootstrap cannot be written,
+// the blob (a tar copied, linked or decompressed, or a directory's chunks)
+// is not left in the blob directory either.
+func TestFailedBootstrapLeavesNoBlob(t *testing.T) {
 	tb := makeTar(t, reg("a", strings.Repeat("a", 10000)))
 	file := filepath.Join(t.TempDir(), "layer.tar")
 	if err := os.WriteFile(file, tb, 0o644); err != nil {
@@ -249,5 +249,13 @@ func TestFromTarFailedBootstrapLeavesNoBlob(t *testing.T) {
 		if names := blobDirNames(t, blobDir); len(names) != 0 {
 			t.Errorf("%s: a failed build left %q in the blob dir", name, names)
 		}
+	}
+	blobDir := t.TempDir()
+	_, err = FromDir(context.Background(), filepath.Dir(file), failingWriter{}, DefaultOptions(blobDir))
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Errorf("dir: %v, want the writer's error", err)
+	}
+	if names := blobDirNames(t, blobDir); len(names) != 0 {
+		t.Errorf("dir: a failed build left %q in the blob dir", names)
 	}
 }
