@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -211,4 +212,48 @@ func sparseDigest(t *testing.T, path string) string {
 		off = end
 	}
 	return desc
+}
+
+// A block device is the one kind of existing non-regular output written
+// in place, and only as a verity HASHFILE (as veritysetup's hash device);
+// export -o onto one is refused like any device node.
+func TestOutputsOnBlockDevice(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "losetup")
+	work := t.TempDir()
+	data, hashImg, hashFile := filepath.Join(work, "data"), filepath.Join(work, "hash.img"), filepath.Join(work, "hash")
+	buf := make([]byte, 1<<20)
+	rand.NewChaCha8([32]byte{5}).Read(buf)
+	os.WriteFile(data, buf, 0o644)
+	os.WriteFile(hashImg, make([]byte, 64<<10), 0o644)
+	out, err := exec.Command("losetup", "-f", "--show", hashImg).CombinedOutput()
+	if err != nil {
+		testutil.Unavailable(t, "losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+
+	code, stdout, stderr := runLine(t, "verity", "format", data, dev)
+	if code != 0 {
+		t.Fatalf("verity format onto %s: exit %d: %s", dev, code, stderr)
+	}
+	if code, want, stderr := runLine(t, "verity", "format", data, hashFile); code != 0 || want != stdout {
+		t.Fatalf("verity format into a file: exit %d, %q (device: %q): %s", code, want, stdout, stderr)
+	}
+	tree, _ := os.ReadFile(hashFile)
+	img, _ := os.ReadFile(hashImg)
+	if st, _ := os.Stat(dev); !bytes.Equal(img[:len(tree)], tree) || st.Mode()&os.ModeDevice == 0 {
+		t.Errorf("the loop device does not hold the tree, or is no longer a device (%v)", st.Mode())
+	}
+
+	src := filepath.Join(work, "src")
+	os.Mkdir(src, 0o755)
+	boot, blobs := filepath.Join(work, "image.boot"), filepath.Join(work, "blobs")
+	if code, _, stderr := runLine(t, "create", "-B", boot, "-D", blobs, src); code != 0 {
+		t.Fatalf("create: exit %d: %s", code, stderr)
+	}
+	code, _, stderr = runLine(t, "export", "-B", boot, "-D", blobs, "-o", dev)
+	if want := "rafsnbd: " + dev + ": not a regular file (a block device); refusing to replace it\n"; code != 1 || stderr != want {
+		t.Errorf("export -o %s: exit %d, stderr %q; want %q", dev, code, stderr, want)
+	}
 }
