@@ -40,8 +40,9 @@ type Server struct {
 }
 
 // Serve accepts connections on l until ctx is cancelled, then stops
-// accepting, lets every connection drain its in-flight replies, and returns
-// nil. It closes l. Any other accept failure that cannot be retried is
+// accepting, lets every connection drain its in-flight replies (for at most
+// Transmission.DrainTimeout, after which device reads still running are
+// cancelled or left behind), and returns nil. It closes l. Any other accept failure that cannot be retried is
 // returned after the connections have finished.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	defer l.Close()

@@ -46,12 +46,6 @@ type TransmissionOptions struct {
 	// bounded amount of memory. 0 means 64 MiB; it is raised to at least
 	// one largest request.
 	MaxBufferedBytes int64
-	// DeviceMayStall sends every read to a handler, as a device's MayStall
-	// reporting true does.
-	//
-	// Deprecated: a device says whether it may stall through Staller. The
-	// field goes once package main no longer sets it.
-	DeviceMayStall bool
 	// Logger receives device errors and connection diagnostics; nil is silent.
 	Logger *zerolog.Logger
 
@@ -272,7 +266,7 @@ func serveTransmission(ctx context.Context, conn net.Conn, in *bufio.Reader, dev
 		e.free <- new(request)
 	}
 	e.readNanos.Store(8 * int64(inlineThreshold))
-	e.inline = !opts.DeviceMayStall && !mayStall(dev)
+	e.inline = !mayStall(dev)
 	e.ctxDev, _ = dev.(ContextReaderAt)
 	if sc, ok := conn.(syscall.Conn); ok {
 		e.raw, _ = sc.SyscallConn()
