@@ -187,17 +187,6 @@ func version() string {
 // logger returns the command's logger, set up by the app's Before hook.
 func logger(ctx context.Context) *zerolog.Logger { return zerolog.Ctx(ctx) }
 
-// roundDur rounds a duration for a log line: three significant digits are
-// plenty for a human and a script alike.
-func roundDur(d time.Duration) time.Duration {
-	for r := time.Nanosecond; r < time.Hour; r *= 10 {
-		if d < 1000*r {
-			return d.Round(r)
-		}
-	}
-	return d.Round(time.Second)
-}
-
 // runMain runs the command line args and returns the exit status, printing
 // errors on stderr in one line.
 func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {

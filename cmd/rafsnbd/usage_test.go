@@ -100,8 +100,7 @@ func TestVersion(t *testing.T) {
 // Every command's --help shows its flags with two dashes and an example
 // command line.
 func TestHelpTeaches(t *testing.T) {
-	var walk func(prefix []string, names []string)
-	walk = func(prefix []string, names []string) {
+	walk := func(prefix []string, names []string) {
 		for _, name := range names {
 			args := append(append([]string{}, prefix...), name)
 			code, stdout, stderr := runLine(t, append(args, "--help")...)
