@@ -365,6 +365,9 @@ type Entry struct {
 // with a stale count.
 func List(dir string) ([]Entry, error) {
 	names, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil // nothing cached yet
+	}
 	if err != nil {
 		return nil, fmt.Errorf("blobcache: %w", err)
 	}
@@ -409,6 +412,14 @@ func describe(dir, id string) Entry {
 	e.Units = int(h.units)
 	e.ReadyUnits = countBits(bits, int(h.units))
 	return e
+}
+
+// Describe describes one blob of the cache directory as List does.
+func (c *Cache) Describe(id string) Entry {
+	if c.dir == "" {
+		return Entry{ID: id, Err: errors.New("blobcache: a memory-only cache has no files")}
+	}
+	return describe(c.dir, id)
 }
 
 // List describes the blobs in the cache directory, marking the open ones.

@@ -249,6 +249,11 @@ func Convert(ctx context.Context, ref string, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	release, err := c.holdShared(ctx) // GC waits for the end of this conversion
+	if err != nil {
+		return nil, fmt.Errorf("oci: cache %s: %w", c.dir, err)
+	}
+	defer release()
 	start := time.Now()
 	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, transport: opts.Transport, stall: opts.StallTimeout})
 	if err != nil {

@@ -2,10 +2,10 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -18,6 +18,7 @@ import (
 	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/blockdev"
+	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -25,15 +26,23 @@ func init() {
 	register(func() *cli.Command {
 		return &cli.Command{
 			Name:  "cache",
-			Usage: "list, trim and fill the local blob cache (lazily fetched blob data)",
-			Description: `rafsnbd can read blob data lazily, chunk by chunk, from a blob directory
-or an OCI registry, and keep what it read in a cache directory that
-survives restarts: in DIR/blobcache, per blob a sparse file of its
-uncompressed data, a chunk-ready map and the blob's layout. Every chunk is checked against its
-digest (blake3 or sha256, from the bootstrap or the blob) before it is
-cached; tarfs blobs (plain layer tars) have no digests and are cached as
-fetched, in 1 MiB units. One process at a time uses a cache directory (it
-is locked with flock).
+			Usage: "list, trim and fill the cache directory (converted images and lazily fetched blob data)",
+			Description: `One --cache-dir holds everything rafsnbd keeps:
+
+  images/, layers/, blobs/   what 'rafsnbd convert' made: per image its merged
+                             bootstrap, per layer its tar (the tarfs blob) and
+                             bootstrap, and exported disks (*.image.disk,
+                             *.layer.disk), shared between images
+  blobcache/                 blob data read lazily (serve, nbd, export and
+                             cache fetch with --cache-dir): per blob a sparse
+                             file of its uncompressed data, a chunk-ready map
+                             and its layout
+
+Every chunk is checked against its digest (blake3 or sha256, from the
+bootstrap or the blob) before it is cached; tarfs blobs (plain layer tars)
+have no digests: their size is checked, and they are cached in 1 MiB units.
+'cache ls' lists all of it, 'cache gc' removes what is asked for and
+whatever no converted image uses any more, 'cache fetch' fills blobcache/.
 
   rafsnbd cache fetch --cache-dir /var/cache/rafsnbd -B image.boot \
       --registry registry.example.com/library/app --all
@@ -45,23 +54,29 @@ is locked with flock).
 					Usage: "list cached blobs: size, chunks cached, disk usage, last use",
 					Flags: []cli.Flag{
 						cacheDirFlag(),
-						&cli.BoolFlag{Name: "json", Usage: "print a JSON array instead of a table"},
+						jsonFlag(),
 					},
 					Action: runCacheLs,
 				},
 				{
 					Name:  "gc",
-					Usage: "remove cached blobs: leftovers always, then by age, size or all",
+					Usage: "remove converted images and cached blobs: leftovers always, then by age, size or all",
 					Description: `Without options gc only removes leftovers: temporary files of interrupted
-writes and blobs whose ready map is unreadable. --older-than removes blobs
-not opened for that long; --max-size then removes the least recently used
-blobs until the cache takes at most that much disk; --all removes every
-blob. The cache must not be in use by another process.`,
+writes, layer files and disks no converted image uses, and blobs whose
+ready map is unreadable. --older-than removes converted images converted
+that long ago and cached blobs not opened for that long; --max-size then
+removes the least recently used cached blobs until blobcache/ takes at most
+that much disk; --all removes everything. gc refuses to run while a
+conversion or a serve uses the cache; images already being served stay
+readable until closed.
+
+  rafsnbd cache gc --cache-dir /var/cache/rafsnbd --older-than 7d`,
 					Flags: []cli.Flag{
 						cacheDirFlag(),
 						&cli.BoolFlag{Name: "all", Usage: "remove every cached blob"},
 						durationFlag("older-than", 0, "remove blobs last used longer ago than `DURATION`"),
 						sizeFlag("max-size", 0, "then evict least recently used blobs down to `SIZE` on disk"),
+						jsonFlag(),
 					},
 					Action: runCacheGC,
 				},
@@ -76,7 +91,7 @@ serve reads nothing from the network; --prefetch PATH adds to the PATH
 arguments. Blobs come from -D DIR or --registry REPO. Unlike a serve's
 background prefetch, fetch works in the foreground and fails on the first
 error.`,
-					Flags:  append(imageFlags(), prefetchFlags()...),
+					Flags:  append(append(imageFlags(), prefetchFlags()...), jsonFlag()),
 					Action: runCacheFetch,
 				},
 			},
@@ -88,47 +103,123 @@ func cacheDirFlag() cli.Flag {
 	return &cli.StringFlag{Name: "cache-dir", Sources: cli.EnvVars("RAFSNBD_CACHE_DIR"), Usage: "rafsnbd cache `DIR`; blob data lives in DIR/blobcache (created with mode 0750)"}
 }
 
-// cacheDir is the blob cache directory: blobcache/ under --cache-dir.
-func cacheDir(c *cli.Command) (string, error) {
+// cacheRoot is --cache-dir: converted images in it, lazily cached blob
+// data in its blobcache/.
+func cacheRoot(c *cli.Command) (string, error) {
 	dir := c.String("cache-dir")
 	if dir == "" {
-		return "", errors.New("no cache directory: give --cache-dir DIR (or set RAFSNBD_CACHE_DIR)")
+		return "", usagef(c, "no cache directory: give --cache-dir DIR (or set RAFSNBD_CACHE_DIR)")
 	}
-	return filepath.Join(dir, blobCacheSubdir), nil
+	return dir, nil
 }
 
 func runCacheLs(ctx context.Context, c *cli.Command) error {
-	dir, err := cacheDir(c)
+	root, err := cacheRoot(c)
 	if err != nil {
 		return err
 	}
-	ents, err := blobcache.List(dir)
+	conv, err := oci.ListCache(root)
 	if err != nil {
 		return err
+	}
+	blobs, err := blobcache.List(filepath.Join(root, blobCacheSubdir))
+	if err != nil {
+		return err
+	}
+	total := conv.Bytes
+	for _, e := range blobs {
+		total += e.DiskUsage
 	}
 	if c.Bool("json") {
-		type jsonEntry struct {
-			ID         string    `json:"id"`
-			Size       int64     `json:"size"`
-			Units      int       `json:"units"`
-			ReadyUnits int       `json:"ready_units"`
-			DiskUsage  int64     `json:"disk_usage"`
-			LastUsed   time.Time `json:"last_used"`
-			Error      string    `json:"error,omitempty"`
-		}
-		out := []jsonEntry{}
-		for _, e := range ents {
-			j := jsonEntry{ID: e.ID, Size: e.Size, Units: e.Units, ReadyUnits: e.ReadyUnits, DiskUsage: e.DiskUsage, LastUsed: e.LastUsed.UTC()}
-			if e.Err != nil {
-				j.Error = e.Err.Error()
-			}
-			out = append(out, j)
-		}
-		enc := json.NewEncoder(c.Root().Writer)
-		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		return printJSON(c.Root().Writer, cacheListJSON(conv, blobs, total))
 	}
-	return printCacheList(c.Root().Writer, ents)
+	w := c.Root().Writer
+	if len(conv.Images) > 0 {
+		if err := printConvertedImages(w, conv); err != nil {
+			return err
+		}
+		fmt.Fprintln(w)
+	}
+	if len(blobs) > 0 || len(conv.Images) == 0 {
+		if err := printCacheList(w, blobs); err != nil {
+			return err
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "%d converted images, %d layer files and disks, %d lazily cached blobs: %s on disk in %s\n",
+		len(conv.Images), len(conv.Files), len(blobs), shortBytes(total), root)
+	return nil
+}
+
+// cacheListJSON is what cache ls --json prints: everything in the cache.
+func cacheListJSON(conv *oci.CacheContents, blobs []blobcache.Entry, total int64) any {
+	type imageJSON struct {
+		Ref            string    `json:"ref"`
+		ManifestDigest string    `json:"manifest_digest"`
+		Layers         int       `json:"layers"`
+		Bytes          int64     `json:"bytes"` // disk usage of the files only this image uses
+		Converted      time.Time `json:"converted"`
+		Error          string    `json:"error,omitempty"`
+	}
+	type fileJSON struct {
+		Path   string `json:"path"` // relative to the cache directory
+		Kind   string `json:"kind"`
+		Bytes  int64  `json:"bytes"`
+		Images int    `json:"images"`
+	}
+	type blobJSON struct {
+		ID         string    `json:"id"`
+		Size       int64     `json:"size"`
+		Units      int       `json:"units"`
+		ReadyUnits int       `json:"ready_units"`
+		DiskUsage  int64     `json:"disk_usage"`
+		LastUsed   time.Time `json:"last_used"`
+		Error      string    `json:"error,omitempty"`
+	}
+	out := struct {
+		Images []imageJSON `json:"images"`
+		Files  []fileJSON  `json:"files"`
+		Blobs  []blobJSON  `json:"blobs"`
+		Bytes  int64       `json:"bytes"`
+	}{Images: []imageJSON{}, Files: []fileJSON{}, Blobs: []blobJSON{}, Bytes: total}
+	for _, im := range conv.Images {
+		j := imageJSON{Ref: im.Info.Ref, ManifestDigest: im.Info.ManifestDigest, Layers: len(im.Info.Layers), Bytes: im.Bytes, Converted: im.Info.Converted}
+		if im.Err != nil {
+			j.Error = im.Err.Error()
+		}
+		out.Images = append(out.Images, j)
+	}
+	for _, f := range conv.Files {
+		out.Files = append(out.Files, fileJSON{Path: f.Path, Kind: f.Kind, Bytes: f.Bytes, Images: f.Images})
+	}
+	for _, e := range blobs {
+		j := blobJSON{ID: e.ID, Size: e.Size, Units: e.Units, ReadyUnits: e.ReadyUnits, DiskUsage: e.DiskUsage, LastUsed: e.LastUsed.UTC()}
+		if e.Err != nil {
+			j.Error = e.Err.Error()
+		}
+		out.Blobs = append(out.Blobs, j)
+	}
+	return out
+}
+
+// printConvertedImages lists what 'rafsnbd convert' put in the cache.
+func printConvertedImages(out io.Writer, conv *oci.CacheContents) error {
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "IMAGE\tMANIFEST\tLAYERS\tOWN DISK\tCONVERTED")
+	for _, im := range conv.Images {
+		if im.Err != nil {
+			fmt.Fprintf(w, "-\t%s\t-\t%s\t(%v)\n", shortLabel(im.Info.ManifestDigest), shortBytes(im.Bytes), im.Err)
+			continue
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", im.Info.Ref, shortLabel(im.Info.ManifestDigest), len(im.Info.Layers),
+			shortBytes(im.Bytes), im.Info.Converted.Local().Format(time.DateTime))
+	}
+	fmt.Fprintln(w, "\t\t\t\t")
+	fmt.Fprintln(w, "FILE\tKIND\tIMAGES\tDISK\t")
+	for _, f := range conv.Files {
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t\n", shortLabel(f.Path), f.Kind, f.Images, shortBytes(f.Bytes))
+	}
+	return w.Flush()
 }
 
 func printCacheList(out io.Writer, ents []blobcache.Entry) error {
@@ -173,7 +264,7 @@ func scaleBytes(n uint64) (float64, string) {
 }
 
 func runCacheGC(ctx context.Context, c *cli.Command) error {
-	dir, err := cacheDir(c)
+	root, err := cacheRoot(c)
 	if err != nil {
 		return err
 	}
@@ -183,19 +274,57 @@ func runCacheGC(ctx context.Context, c *cli.Command) error {
 			return usagef(c, "--max-size 0: use --all to empty the cache")
 		}
 	}
-	cache, err := blobcache.Open(dir, nil)
+	// Converted images first: a lazily cached blob may be one of their
+	// layers, but the blob cache keeps its own data.
+	images, freedConv, err := oci.GC(ctx, root, oci.GCOptions{All: opts.All, OlderThan: opts.OlderThan})
 	if err != nil {
 		return err
 	}
-	defer cache.Close()
-	removed, err := cache.GC(opts)
-	var freed int64
+	var removed []blobcache.Entry
+	if dir := filepath.Join(root, blobCacheSubdir); dirExists(dir) { // gc creates nothing
+		cache, err := blobcache.Open(dir, nil)
+		if err != nil {
+			return err
+		}
+		removed, err = cache.GC(opts)
+		cache.Close()
+		if err != nil {
+			return err
+		}
+	}
+	freed := freedConv
 	for _, e := range removed {
 		freed += e.DiskUsage
-		fmt.Fprintf(c.Root().Writer, "removed %s (%s)\n", e.ID, shortBytes(e.DiskUsage))
 	}
-	fmt.Fprintf(c.Root().Writer, "%d blobs removed, %s freed\n", len(removed), shortBytes(freed))
-	return err
+	if c.Bool("json") {
+		type gcJSON struct {
+			Images []string `json:"images"` // manifest digests
+			Blobs  []string `json:"blobs"`  // lazily cached blob ids
+			Freed  int64    `json:"freed_bytes"`
+		}
+		r := gcJSON{Images: []string{}, Blobs: []string{}, Freed: freed}
+		for _, im := range images {
+			r.Images = append(r.Images, im.Info.ManifestDigest)
+		}
+		for _, e := range removed {
+			r.Blobs = append(r.Blobs, e.ID)
+		}
+		return printJSON(c.Root().Writer, r)
+	}
+	w := c.Root().Writer
+	for _, im := range images {
+		fmt.Fprintf(w, "removed image %s %s\n", im.Info.Ref, shortLabel(im.Info.ManifestDigest))
+	}
+	for _, e := range removed {
+		fmt.Fprintf(w, "removed blob %s (%s)\n", e.ID, shortBytes(e.DiskUsage))
+	}
+	fmt.Fprintf(w, "%d images and %d blobs removed, %s freed\n", len(images), len(removed), shortBytes(freed))
+	return nil
+}
+
+func dirExists(dir string) bool {
+	st, err := os.Stat(dir)
+	return err == nil && st.IsDir()
 }
 
 // openBlobStore returns where blob bytes come from: the OCI repository of
@@ -298,10 +427,11 @@ func prefetchImage(img *blockdev.Image, all bool, paths []string) error {
 
 func runCacheFetch(ctx context.Context, c *cli.Command) error {
 	log := logger(ctx)
-	dir, err := cacheDir(c)
+	root, err := cacheRoot(c)
 	if err != nil {
 		return err
 	}
+	dir := filepath.Join(root, blobCacheSubdir)
 	boot := c.String("bootstrap")
 	if boot == "" {
 		return errors.New("no image: give -B BOOTSTRAP")
@@ -340,6 +470,16 @@ func runCacheFetch(ctx context.Context, c *cli.Command) error {
 	}
 	update, finish := newProgress(total, "fetching")
 	defer finish()
+	type fetchJSON struct {
+		ID           string `json:"id"`
+		Size         int64  `json:"size"`
+		Units        int    `json:"units"`
+		ReadyUnits   int    `json:"ready_units"`
+		DiskUsage    int64  `json:"disk_usage"` // as cache ls --json says
+		FetchedBytes int64  `json:"fetched_bytes"`
+		Requests     int64  `json:"requests"`
+	}
+	fetched := []fetchJSON{}
 	var done int64
 	start := time.Now()
 	for i := range img.Blobs {
@@ -365,13 +505,24 @@ func runCacheFetch(ctx context.Context, c *cli.Command) error {
 			}
 		}
 		st := blob.Stats()
-		if err := blob.Close(); err != nil {
+		if err := blob.Close(); err != nil { // flushes: the entry below is what cache ls shows
 			return err
 		}
-		fmt.Fprintf(c.Root().Writer, "blob %s: %d/%d chunks cached (%s), fetched %s in %d requests\n",
-			e.ID(), st.ReadyUnits, st.Units, shortBytes(st.ReadyBytes), shortBytes(st.BackendBytes), st.BackendReads)
+		ent := cache.Describe(e.ID())
+		if ent.Err != nil {
+			return ent.Err
+		}
+		fetched = append(fetched, fetchJSON{ID: ent.ID, Size: ent.Size, Units: ent.Units, ReadyUnits: ent.ReadyUnits,
+			DiskUsage: ent.DiskUsage, FetchedBytes: st.BackendBytes, Requests: st.BackendReads})
+		if !c.Bool("json") {
+			fmt.Fprintf(c.Root().Writer, "blob %s: %d/%d chunks cached, %s on disk; fetched %s in %d requests\n",
+				ent.ID, ent.ReadyUnits, ent.Units, shortBytes(ent.DiskUsage), shortBytes(st.BackendBytes), st.BackendReads)
+		}
 	}
 	finish()
 	log.Info().Dur("took", time.Since(start)).Int64("bytes", total).Msg("cache filled")
+	if c.Bool("json") {
+		return printJSON(c.Root().Writer, map[string]any{"blobs": fetched})
+	}
 	return nil
 }

@@ -36,17 +36,34 @@ func TestCacheCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ents []struct {
-		ID         string `json:"id"`
-		Size       int64  `json:"size"`
-		Units      int    `json:"units"`
-		ReadyUnits int    `json:"ready_units"`
+	var ls struct {
+		Blobs []struct {
+			ID         string `json:"id"`
+			Size       int64  `json:"size"`
+			Units      int    `json:"units"`
+			ReadyUnits int    `json:"ready_units"`
+			DiskUsage  int64  `json:"disk_usage"`
+		} `json:"blobs"`
 	}
-	if err := json.Unmarshal([]byte(out), &ents); err != nil {
+	if err := json.Unmarshal([]byte(out), &ls); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
+	ents := ls.Blobs
 	if len(ents) != 1 || ents[0].ID != id || ents[0].Size != 36864 || ents[0].Units != 2 || ents[0].ReadyUnits != 1 {
 		t.Errorf("ls --json: %+v", ents)
+	}
+	// fetch and ls say the same of the blob.
+	out, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs", "--json")
+	var fetched struct {
+		Blobs []struct {
+			ID         string `json:"id"`
+			ReadyUnits int    `json:"ready_units"`
+			DiskUsage  int64  `json:"disk_usage"`
+		} `json:"blobs"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &fetched) != nil || len(fetched.Blobs) != 1 ||
+		fetched.Blobs[0].ID != id || fetched.Blobs[0].ReadyUnits != 1 || fetched.Blobs[0].DiskUsage != ents[0].DiskUsage {
+		t.Errorf("fetch --json %v: %s; ls said %+v", err, out, ents)
 	}
 	if out, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "--all"); err != nil || !strings.Contains(out, "2/2 chunks cached") {
 		t.Errorf("fetch --all: %v\n%s", err, out)
@@ -57,10 +74,10 @@ func TestCacheCommands(t *testing.T) {
 	if _, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/missing"); err == nil {
 		t.Error("fetch of a missing path succeeded")
 	}
-	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir); err != nil || !strings.Contains(out, "0 blobs removed") {
+	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir); err != nil || !strings.Contains(out, "0 images and 0 blobs removed") {
 		t.Errorf("gc without options: %v\n%s", err, out)
 	}
-	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir, "--all"); err != nil || !strings.Contains(out, "1 blobs removed") {
+	if out, err = runCmd(t, "cache", "gc", "--cache-dir", dir, "--all"); err != nil || !strings.Contains(out, "0 images and 1 blobs removed") {
 		t.Errorf("gc --all: %v\n%s", err, out)
 	}
 	if _, err = runCmd(t, "cache", "ls"); err == nil {
