@@ -388,8 +388,13 @@ wait:
 			ctxDone = nil
 			beginDrain()
 		case <-check.C:
+			// The reader, if it waits elsewhere than on the socket, sees
+			// neither a hang-up nor a failed write's deadline.
 			if e.peerGone() {
 				peerGone = true
+				break wait
+			}
+			if e.writeErr.Load() != nil {
 				break wait
 			}
 		case <-abort:
