@@ -127,6 +127,12 @@ func Mount(dir string, dev Device, opts Options) (*Server, error) {
 			// Splicing a device read buys nothing: the bytes come from
 			// memory, not from a file descriptor.
 			DisableSplice: true,
+			// With passthrough negotiated the kernel stacks the FUSE
+			// superblock (s_stack_depth 1), and EROFS refuses a
+			// file-backed mount on a stacked filesystem ("file-backed
+			// mounts cannot be applied to stacked fses"). Nothing here
+			// passes through to a backing file anyway.
+			DisabledCapabilities: fuse.CAP_PASSTHROUGH,
 		},
 	})
 	if err != nil {

@@ -29,6 +29,7 @@ type Reader struct {
 	lay      layout
 	level1   []byte // the level-1 hash blocks: one digest slot per data block
 	rootOnly []byte // with a single data block: the root is its digest
+	root     []byte
 	bufs     sync.Pool
 }
 
@@ -64,7 +65,7 @@ func NewTreeReader(data io.ReaderAt, t *Tree) (*Reader, error) {
 
 func newReader(data io.ReaderAt, area []byte, p Params, root []byte) (*Reader, error) {
 	p.Salt = append([]byte(nil), p.Salt...)
-	r := &Reader{data: data, p: p, lay: newLayout(p, p.DigestSize())}
+	r := &Reader{data: data, p: p, lay: newLayout(p, p.DigestSize()), root: bytes.Clone(root)}
 	if c, ok := data.(interface {
 		ReadAtContext(context.Context, []byte, int64) (int, error)
 	}); ok {
@@ -113,6 +114,9 @@ func (r *Reader) hasher() blockHasher {
 	alg, _ := lookupAlgorithm(r.p.Algorithm)
 	return blockHasher{h: alg.newHash(), salt: r.p.Salt, sha: r.p.Algorithm == "sha256" && len(r.p.Salt) == 0}
 }
+
+// RootHash is the root hash the tree was checked against.
+func (r *Reader) RootHash() []byte { return bytes.Clone(r.root) }
 
 // Size is the size of the verified data.
 func (r *Reader) Size() int64 { return int64(r.p.DataSize()) }
