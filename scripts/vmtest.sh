@@ -186,6 +186,8 @@ make_test_images() {
 	{ printf 'RAFSNBD-VMTEST-MARKER\n'; head -c $((4 << 20)) /dev/urandom; } >"$tree/random.bin"
 	seq 1 200000 >"$tree/sub/numbers.txt"
 	head -c 5000 /dev/zero | tr '\0' x >"$tree/sub/deeper/xs.txt"
+	# Whole 4 KiB blocks: the guest serves this file as a disk of its own.
+	head -c $((64 << 10)) /dev/urandom >"$tree/sub/aligned.bin"
 	: >"$tree/sub/empty.txt"
 	local i
 	for i in $(seq 1 64); do echo "small file $i" >"$tree/sub/deeper/small-$i.txt"; done
