@@ -1,0 +1,648 @@
+package oci
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/rafsnbd/rafsnbd/internal/ctxio"
+	"github.com/rafsnbd/rafsnbd/internal/gzran"
+	"github.com/rafsnbd/rafsnbd/rafs"
+	"github.com/rafsnbd/rafsnbd/rafs/build"
+	"github.com/rafsnbd/rafsnbd/verity"
+)
+
+// Media types of the index artifact (issue 12): an OCI 1.1 artifact whose
+// subject is the image manifest.
+const (
+	IndexArtifactType   = "application/vnd.rafsnbd.index.v1"
+	IndexConfigType     = "application/vnd.rafsnbd.index.config.v1+json"
+	IndexBootstrapType  = "application/vnd.rafsnbd.bootstrap.v1+zstd"
+	IndexVerityType     = "application/vnd.rafsnbd.verity.level1.v1"
+	IndexGzipTableType  = "application/vnd.rafsnbd.gzip-index.v1"
+	subjectAnnotation   = "vnd.rafsnbd.index.subject"
+	verityDataBlockSize = 512 // tarfs EROFS blocks: one verity data block each
+	verityHashBlockSize = 4096
+)
+
+// IndexOptions control Index.
+type IndexOptions struct {
+	Platform     string // default DefaultPlatform()
+	Insecure     bool
+	Keychain     authn.Keychain
+	Span         int64         // checkpoint span (0: gzran.DefaultSpan)
+	VerityCompat verity.Compat // must match the convert --verity-compat it is compared with
+	TempDir      string        // for the tar header skeletons (default os.TempDir())
+}
+
+// IndexConfig is the artifact's config blob: what the read side needs
+// besides the blobs it names.
+type IndexConfig struct {
+	Manifest string       `json:"manifest"` // the image manifest digest (the subject)
+	Span     int64        `json:"span"`
+	Verity   IndexVerity  `json:"verity"`
+	Layers   []IndexLayer `json:"layers"`
+}
+
+// IndexVerity describes the dm-verity tree of the merged image disk (the
+// disk convert --export image --verity writes). The artifact holds the
+// digests of its level-0 hash blocks (one per 64 KiB of disk); the level-0
+// blocks themselves are recomputed from the data they cover when it is
+// read, which is what lets reads be verified.
+type IndexVerity struct {
+	RootHash   string `json:"root_hash"`
+	Compat     string `json:"compat"`
+	DataBlocks uint64 `json:"data_blocks"`
+	HashOffset uint64 `json:"hash_offset"`
+}
+
+// IndexLayer is one layer of the image.
+type IndexLayer struct {
+	Digest           string `json:"digest"`
+	DiffID           string `json:"diff_id"`
+	MediaType        string `json:"media_type"`
+	Size             int64  `json:"size"`
+	UncompressedSize int64  `json:"uncompressed_size"`
+	// Table is the artifact layer holding the gzip checkpoint table, -1
+	// for an uncompressed layer (read directly).
+	Table int `json:"table"`
+}
+
+// IndexResult is what Index did.
+type IndexResult struct {
+	Ref            string `json:"ref"`
+	ManifestDigest string `json:"manifest_digest"`
+	ArtifactDigest string `json:"artifact_digest"`
+	RootHash       string `json:"root_hash"`
+	Reused         bool   `json:"reused"`
+	ArtifactSize   int64  `json:"artifact_bytes"` // manifest, config and blobs
+	ImageSize      int64  `json:"image_bytes"`    // compressed layers
+}
+
+// Index makes the lazy-read index of the image ref names and publishes it
+// next to the image: pushed to its repository as a referrer of the image
+// manifest, or written into its OCI layout. Each layer is read once as a
+// stream and never stored: its tar headers go to a sparse skeleton file
+// (data left as holes) that build.FromTar indexes as convert would; the
+// uncompressed bytes are hashed for the diff_id and in 512-byte verity
+// blocks as they pass. An image indexed before is left alone (Reused).
+func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, error) {
+	if opts.Platform == "" {
+		opts.Platform = DefaultPlatform()
+	}
+	platform, err := v1.ParsePlatform(opts.Platform)
+	if err != nil {
+		return nil, fmt.Errorf("oci: platform %q: %w", opts.Platform, err)
+	}
+	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
+	if err != nil {
+		return nil, err
+	}
+	img, err := resolveImage(ctx, src, platform, limits{manifest: DefaultMaxManifestSize, config: DefaultMaxConfigSize, layers: rafs.MaxBlobs})
+	if err != nil {
+		return nil, err
+	}
+	pub, err := newPublisher(src, opts)
+	if err != nil {
+		return nil, err
+	}
+	res := &IndexResult{Ref: img.source, ManifestDigest: img.manifestDigest.String()}
+	for _, l := range img.layers {
+		res.ImageSize += l.size
+	}
+	span := opts.Span
+	if span <= 0 {
+		span = gzran.DefaultSpan
+	}
+	if found, err := pub.find(ctx, img.manifestDigest, span, opts.VerityCompat.String()); err != nil {
+		return nil, fmt.Errorf("oci: %s: looking for an index: %w", img.source, err)
+	} else if found != nil {
+		res.Reused, res.ArtifactDigest, res.RootHash, res.ArtifactSize = true, found.digest, found.root, found.size
+		return res, nil
+	}
+
+	tmp, err := os.MkdirTemp(opts.TempDir, "rafsnbd-index-")
+	if err != nil {
+		return nil, fmt.Errorf("oci: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	cfg := IndexConfig{Manifest: img.manifestDigest.String(), Span: span}
+	var blobs []artifactBlob
+	leaves := make(map[string][]byte) // diff_id hex → digests of its 512-byte blocks
+	boots := make([]string, len(img.layers))
+	names := make([]string, len(img.layers))
+	for i, l := range img.layers {
+		il, table, leaf, err := indexLayer(ctx, src, l, cfg.Span, tmp)
+		if err != nil {
+			return nil, fmt.Errorf("oci: layer %d (%s): %w", l.index, l.digest, err)
+		}
+		il.Table = -1
+		if table != nil {
+			il.Table = 2 + len(blobs) // after the bootstrap and the verity digests
+			blobs = append(blobs, artifactBlob{mt: IndexGzipTableType, data: table})
+		}
+		cfg.Layers = append(cfg.Layers, *il)
+		leaves[l.diffID.Hex] = leaf
+		boots[i] = filepath.Join(tmp, l.diffID.Hex+".boot")
+		names[i] = fmt.Sprintf("layer %d (%s)", i, l.digest)
+	}
+	var merged bytes.Buffer
+	if _, err := build.MergeFiles(ctx, boots, &merged, build.MergeOptions{Names: names}); err != nil {
+		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
+	}
+	vt, level1, err := mergedVerity(merged.Bytes(), leaves, opts.VerityCompat)
+	if err != nil {
+		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
+	}
+	cfg.Verity = *vt
+	zboot, err := zstdBytes(merged.Bytes())
+	if err != nil {
+		return nil, err
+	}
+	blobs = append([]artifactBlob{{mt: IndexBootstrapType, data: zboot}, {mt: IndexVerityType, data: level1}}, blobs...)
+	rawCfg, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	// The subject descriptor wants the manifest's size and media type.
+	rawM, mt, err := src.manifest(ctx, img.manifestDigest, DefaultMaxManifestSize)
+	if err != nil {
+		return nil, err
+	}
+	if mt == "" {
+		if mt, err = sniffMediaType(rawM, ""); err != nil {
+			return nil, err
+		}
+	}
+	subject := v1.Descriptor{MediaType: mt, Size: int64(len(rawM)), Digest: img.manifestDigest}
+	art, err := pub.publish(ctx, subject, rawCfg, blobs)
+	if err != nil {
+		return nil, fmt.Errorf("oci: %s: publishing the index: %w", img.source, err)
+	}
+	res.ArtifactDigest, res.RootHash, res.ArtifactSize = art.digest, vt.RootHash, art.size
+	return res, nil
+}
+
+func zstdBytes(b []byte) ([]byte, error) {
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return nil, err
+	}
+	defer e.Close()
+	return e.EncodeAll(b, nil), nil
+}
+
+// indexLayer streams one layer: it checks the blob's digest and the tar's
+// diff_id, records gzip checkpoints, writes the tar's headers into a
+// sparse skeleton and builds the layer bootstrap (dir/<diffid>.boot) from
+// it, and returns the sha256 of every 512-byte block of the tar.
+func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (*IndexLayer, []byte, []byte, error) {
+	rc, err := src.blob(ctx, l.digest)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer rc.Close()
+	dl := &downloadReader{r: ctxio.NewReader(ctx, rc), h: sha256.New(), limit: l.size}
+	var (
+		stream io.Reader
+		gz     *gzran.Indexer
+	)
+	switch l.mediaType {
+	case types.OCILayer, types.OCIRestrictedLayer, types.DockerLayer, types.DockerForeignLayer:
+		gz = gzran.NewIndexer(dl, span)
+		stream = gz
+	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, types.DockerUncompressedLayer:
+		stream = dl
+	case types.OCILayerZStd:
+		// TODO(issue 12): frame boundaries of multi-frame zstd layers.
+		return nil, nil, nil, errors.New("a zstd layer cannot be read lazily (only gzip and uncompressed layers can be indexed)")
+	default:
+		return nil, nil, nil, fmt.Errorf("unsupported layer media type %q", l.mediaType)
+	}
+	skel, err := os.CreateTemp(dir, "skeleton-")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer func() { skel.Close(); os.Remove(skel.Name()) }()
+	ls := &layerStream{r: stream, h: sha256.New(), skel: skel}
+	tr := tar.NewReader(ls)
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil && !errors.Is(err, tar.ErrInsecurePath) {
+			return nil, nil, nil, fmt.Errorf("tar: %w", err) // build.FromTar would refuse it too
+		}
+		if hdr.Typeflag == tar.TypeReg {
+			ls.data = true
+			_, err = io.Copy(io.Discard, tr)
+			ls.data = false
+			if err != nil {
+				return nil, nil, nil, err
+			}
+		}
+	}
+	if _, err := io.Copy(io.Discard, ls); err != nil { // what follows the tar's end counts too
+		return nil, nil, nil, err
+	}
+	if ls.err != nil {
+		return nil, nil, nil, ls.err
+	}
+	if extra, err := io.Copy(io.Discard, dl); err != nil {
+		return nil, nil, nil, err
+	} else if extra > 0 {
+		return nil, nil, nil, fmt.Errorf("%d bytes of garbage after the compressed stream", extra)
+	}
+	if dl.n != l.size {
+		return nil, nil, nil, fmt.Errorf("the blob has %d bytes, its descriptor %d", dl.n, l.size)
+	}
+	if got := v1Hash(dl.h); got != l.digest.String() {
+		return nil, nil, nil, fmt.Errorf("content digest %s does not match the descriptor", got)
+	}
+	if got := v1Hash(ls.h); got != l.diffID.String() {
+		return nil, nil, nil, fmt.Errorf("uncompressed content digest %s does not match the config's diff_id %s", got, l.diffID)
+	}
+	if err := skel.Truncate(ls.n); err != nil {
+		return nil, nil, nil, err
+	}
+	boot, err := os.Create(filepath.Join(dir, l.diffID.Hex+".boot"))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer boot.Close()
+	bopts := build.DefaultOptions(filepath.Join(dir, "blobs"))
+	bopts.BlobID = l.diffID.Hex
+	if _, err := build.FromTar(ctx, skel, boot, bopts); err != nil {
+		return nil, nil, nil, err
+	}
+	os.Remove(filepath.Join(dir, "blobs", l.diffID.Hex)) // the skeleton, linked in
+	il := &IndexLayer{Digest: l.digest.String(), DiffID: l.diffID.String(), MediaType: string(l.mediaType),
+		Size: l.size, UncompressedSize: ls.n}
+	var table []byte
+	if gz != nil {
+		idx, err := gz.Index()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		if table, err = idx.MarshalBinary(); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	return il, table, ls.leaves, nil
+}
+
+// layerStream passes a layer's uncompressed bytes to the tar reader,
+// hashing them (diff_id, and sha256 of each 512-byte verity block) and
+// copying everything but regular files' data into the skeleton file at
+// its offset.
+type layerStream struct {
+	r       io.Reader
+	h       hash.Hash
+	skel    *os.File
+	data    bool // inside a regular file's data: not copied
+	n       int64
+	partial []byte // an incomplete verity block
+	leaves  []byte
+	err     error
+}
+
+func (s *layerStream) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	b := p[:n]
+	s.h.Write(b)
+	if !s.data && n > 0 && s.err == nil {
+		if _, werr := s.skel.WriteAt(b, s.n); werr != nil {
+			s.err = werr
+		}
+	}
+	s.n += int64(n)
+	if len(s.partial) > 0 {
+		c := min(len(b), verityDataBlockSize-len(s.partial))
+		s.partial = append(s.partial, b[:c]...)
+		b = b[c:]
+		if len(s.partial) == verityDataBlockSize {
+			s.leaf(s.partial)
+			s.partial = s.partial[:0]
+		}
+	}
+	for len(b) >= verityDataBlockSize {
+		s.leaf(b[:verityDataBlockSize])
+		b = b[verityDataBlockSize:]
+	}
+	s.partial = append(s.partial, b...)
+	return n, err
+}
+
+func (s *layerStream) leaf(block []byte) {
+	d := sha256.Sum256(block)
+	s.leaves = append(s.leaves, d[:]...)
+}
+
+// mergedVerity computes the verity tree of the merged image disk (the
+// bootstrap's blocks, then each layer tar at its mapped block address,
+// zeros between, as blockdev.Compose lays it out) from the layers' block
+// digests. It returns the tree's description and the digests of its
+// level-0 hash blocks.
+func mergedVerity(boot []byte, leaves map[string][]byte, compat verity.Compat) (*IndexVerity, []byte, error) {
+	ri, err := rafs.NewImage(bytes.NewReader(boot), int64(len(boot)))
+	if err != nil {
+		return nil, nil, err
+	}
+	bs := uint64(ri.BlockSize)
+	if bs != verityDataBlockSize || uint64(len(boot))%bs != 0 {
+		return nil, nil, fmt.Errorf("merged bootstrap: %d-byte blocks, %d bytes: not a tarfs image", bs, len(boot))
+	}
+	zero := sha256.Sum256(make([]byte, verityDataBlockSize))
+	var digests []byte // of every data block of the disk
+	for off := 0; off < len(boot); off += verityDataBlockSize {
+		d := sha256.Sum256(boot[off : off+verityDataBlockSize])
+		digests = append(digests, d[:]...)
+	}
+	end := uint64(len(boot)) / bs
+	for i := range ri.Blobs {
+		e := &ri.Blobs[i]
+		addr := uint64(ri.DeviceSlots[i].MappedBlkAddr)
+		if addr < end {
+			return nil, nil, fmt.Errorf("merged bootstrap: blob %d maps inside the previous range", i)
+		}
+		for ; end < addr; end++ {
+			digests = append(digests, zero[:]...)
+		}
+		leaf, ok := leaves[e.ID()]
+		blocks := e.UncompressedSize / bs
+		if !ok || uint64(len(leaf)) < blocks*sha256.Size {
+			return nil, nil, fmt.Errorf("merged bootstrap: blob %d (%s) is not a layer of the image", i, e.ID())
+		}
+		digests = append(digests, leaf[:blocks*sha256.Size]...)
+		end += blocks
+	}
+	p := verity.NydusParams(end*bs, verityDataBlockSize)
+	p.Compat = compat
+	if err := p.Validate(); err != nil {
+		return nil, nil, err
+	}
+	fill := make([]byte, sha256.Size)
+	if compat == verity.NydusCompat {
+		f := sha256.Sum256(make([]byte, 4096))
+		fill = f[:]
+	}
+	level0 := hashBlocks(digests, fill)
+	var level1 []byte
+	for _, b := range level0 {
+		d := sha256.Sum256(b)
+		level1 = append(level1, d[:]...)
+	}
+	root := rootOf(level1, fill)
+	return &IndexVerity{RootHash: hex.EncodeToString(root), Compat: compat.String(), DataBlocks: p.DataBlocks, HashOffset: p.HashOffset}, level1, nil
+}
+
+// hashBlocks packs digests into hash blocks, filling unused slots.
+func hashBlocks(digests, fill []byte) [][]byte {
+	per := verityHashBlockSize / len(fill) * len(fill)
+	var out [][]byte
+	for off := 0; off < len(digests); off += per {
+		b := make([]byte, verityHashBlockSize)
+		n := copy(b, digests[off:min(off+per, len(digests))])
+		for ; n+len(fill) <= len(b); n += len(fill) {
+			copy(b[n:], fill)
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// rootOf is the root hash of a tree whose level above the data blocks has
+// the given digests (one per block below): levels are added until one
+// hash block holds them all; the root is that block's hash.
+func rootOf(digests, fill []byte) []byte {
+	for {
+		blocks := hashBlocks(digests, fill)
+		if len(blocks) == 1 {
+			d := sha256.Sum256(blocks[0])
+			return d[:]
+		}
+		digests = digests[:0:0]
+		for _, b := range blocks {
+			d := sha256.Sum256(b)
+			digests = append(digests, d[:]...)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Publishing
+
+type artifactBlob struct {
+	mt   string
+	data []byte
+}
+
+type foundArtifact struct {
+	digest, root string
+	size         int64
+}
+
+type publisher interface {
+	// find returns the artifact for subject made with the same span and
+	// verity compat, or nil.
+	find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error)
+	publish(ctx context.Context, subject v1.Descriptor, config []byte, blobs []artifactBlob) (*foundArtifact, error)
+}
+
+func newPublisher(src source, opts IndexOptions) (publisher, error) {
+	switch s := src.(type) {
+	case *registrySource:
+		kc := opts.Keychain
+		if kc == nil {
+			kc = authn.DefaultKeychain
+		}
+		return &registryPublisher{repo: s.ref.Context(), opts: []remote.Option{remote.WithAuthFromKeychain(kc)}}, nil
+	case *layoutSource:
+		return &layoutPublisher{dir: s.dir}, nil
+	}
+	return nil, fmt.Errorf("oci: cannot publish an index to %s", src.canonical())
+}
+
+// artifactManifest makes the artifact's manifest: an OCI image manifest
+// with artifactType, config and blobs, and the image as subject.
+func artifactManifest(subject v1.Descriptor, config []byte, blobs []artifactBlob) ([]byte, int64, error) {
+	m := v1.Manifest{
+		SchemaVersion: 2, MediaType: types.OCIManifestSchema1,
+		Config:  v1.Descriptor{MediaType: IndexConfigType, Size: int64(len(config)), Digest: sha256Hash(config)},
+		Subject: &subject,
+	}
+	size := int64(len(config))
+	for _, b := range blobs {
+		m.Layers = append(m.Layers, v1.Descriptor{MediaType: types.MediaType(b.mt), Size: int64(len(b.data)), Digest: sha256Hash(b.data)})
+		size += int64(len(b.data))
+	}
+	raw, err := json.Marshal(struct {
+		v1.Manifest
+		ArtifactType string `json:"artifactType"`
+	}{m, IndexArtifactType})
+	return raw, size + int64(len(raw)), err
+}
+
+type rawManifest struct{ raw []byte }
+
+func (r rawManifest) RawManifest() ([]byte, error)        { return r.raw, nil }
+func (r rawManifest) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
+
+type registryPublisher struct {
+	repo name.Repository
+	opts []remote.Option
+}
+
+func (p *registryPublisher) find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error) {
+	opts := append([]remote.Option{remote.WithContext(ctx), remote.WithFilter("artifactType", IndexArtifactType)}, p.opts...)
+	idx, err := remote.Referrers(p.repo.Digest(subject.String()), opts...)
+	if err != nil {
+		return nil, err
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range im.Manifests {
+		if d.ArtifactType != IndexArtifactType {
+			continue
+		}
+		img, err := remote.Image(p.repo.Digest(d.Digest.String()), opts...)
+		if err != nil {
+			return nil, err
+		}
+		found, cfg, err := describeArtifact(img, d.Digest)
+		if err != nil {
+			return nil, err
+		}
+		if cfg.Span == span && cfg.Verity.Compat == compat {
+			return found, nil
+		}
+	}
+	return nil, nil
+}
+
+// describeArtifact reads an artifact's root hash and size.
+func describeArtifact(img v1.Image, d v1.Hash) (*foundArtifact, *IndexConfig, error) {
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, nil, err
+	}
+	raw, err := img.RawConfigFile()
+	if err != nil {
+		return nil, nil, err
+	}
+	var cfg IndexConfig
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		return nil, nil, fmt.Errorf("index artifact %s: config: %w", d, err)
+	}
+	rawM, err := img.RawManifest()
+	if err != nil {
+		return nil, nil, err
+	}
+	size := int64(len(rawM)) + m.Config.Size
+	for _, l := range m.Layers {
+		size += l.Size
+	}
+	return &foundArtifact{digest: d.String(), root: cfg.Verity.RootHash, size: size}, &cfg, nil
+}
+
+func (p *registryPublisher) publish(ctx context.Context, subject v1.Descriptor, config []byte, blobs []artifactBlob) (*foundArtifact, error) {
+	opts := append([]remote.Option{remote.WithContext(ctx)}, p.opts...)
+	for _, b := range append([]artifactBlob{{mt: IndexConfigType, data: config}}, blobs...) {
+		if err := remote.WriteLayer(p.repo, static.NewLayer(b.data, types.MediaType(b.mt)), opts...); err != nil {
+			return nil, err
+		}
+	}
+	raw, size, err := artifactManifest(subject, config, blobs)
+	if err != nil {
+		return nil, err
+	}
+	d := sha256Hash(raw)
+	// go-containerregistry updates the sha256-<hex> fallback tag when the
+	// registry does not answer with OCI-Subject (no referrers API).
+	if err := remote.Put(p.repo.Digest(d.String()), rawManifest{raw}, opts...); err != nil {
+		return nil, err
+	}
+	return &foundArtifact{digest: d.String(), size: size}, nil
+}
+
+type layoutPublisher struct{ dir string }
+
+func (p *layoutPublisher) find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error) {
+	lp, err := layout.FromPath(p.dir)
+	if err != nil {
+		return nil, err
+	}
+	ii, err := lp.ImageIndex()
+	if err != nil {
+		return nil, err
+	}
+	im, err := ii.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range im.Manifests {
+		if d.ArtifactType != IndexArtifactType || d.Annotations[subjectAnnotation] != subject.String() {
+			continue
+		}
+		img, err := lp.Image(d.Digest)
+		if err != nil {
+			return nil, err
+		}
+		found, cfg, err := describeArtifact(img, d.Digest)
+		if err != nil {
+			return nil, err
+		}
+		if cfg.Span == span && cfg.Verity.Compat == compat {
+			return found, nil
+		}
+	}
+	return nil, nil
+}
+
+func (p *layoutPublisher) publish(ctx context.Context, subject v1.Descriptor, config []byte, blobs []artifactBlob) (*foundArtifact, error) {
+	lp, err := layout.FromPath(p.dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range append([]artifactBlob{{mt: IndexConfigType, data: config}}, blobs...) {
+		if err := lp.WriteBlob(sha256Hash(b.data), io.NopCloser(bytes.NewReader(b.data))); err != nil {
+			return nil, err
+		}
+	}
+	raw, size, err := artifactManifest(subject, config, blobs)
+	if err != nil {
+		return nil, err
+	}
+	d := sha256Hash(raw)
+	if err := lp.WriteBlob(d, io.NopCloser(bytes.NewReader(raw))); err != nil {
+		return nil, err
+	}
+	// The manifest goes into index.json last: only then is the index found.
+	err = lp.AppendDescriptor(v1.Descriptor{MediaType: types.OCIManifestSchema1, Size: int64(len(raw)), Digest: d,
+		ArtifactType: IndexArtifactType, Annotations: map[string]string{subjectAnnotation: subject.Digest.String()}})
+	if err != nil {
+		return nil, err
+	}
+	return &foundArtifact{digest: d.String(), size: size}, nil
+}
