@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/urfave/cli/v3"
+
+	"github.com/rafsnbd/rafsnbd/internal/gzran"
+	"github.com/rafsnbd/rafsnbd/oci"
+	"github.com/rafsnbd/rafsnbd/verity"
+)
+
+func init() {
+	register(func() *cli.Command {
+		return &cli.Command{
+			Name:      "index",
+			Usage:     "index an OCI image for lazy reads and publish the index beside it",
+			ArgsUsage: "REF",
+			Description: `Reads each layer of the image REF once as a stream (never storing it) and
+makes: the layer's tarfs bootstrap and the merged image bootstrap (as convert
+does), a checkpoint table per gzip layer (every --span of uncompressed data,
+a place inflation can resume), and the dm-verity tree of the merged image
+disk; the root hash is the one 'convert --export image --verity' prints for
+the same image. These are published as one small OCI artifact whose subject
+is the image manifest: pushed to the image's repository (OCI 1.1 referrers,
+or the sha256-<hex> tag where the registry has no referrers API), or
+written into the OCI layout for oci:DIR[:TAG]. An image indexed before with
+the same --span and --verity-compat is left alone.
+
+Only gzip and uncompressed layers can be indexed; a zstd layer is refused.
+
+  rafsnbd index --insecure 127.0.0.1:5000/app:v1
+  rafsnbd index oci:./layout:v1`,
+			Flags: []cli.Flag{
+				&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
+				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
+				sizeFlag("span", gzran.DefaultSpan, "uncompressed `SIZE` between gzip checkpoints"),
+				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
+				jsonFlag(),
+			},
+			Action: runIndex,
+		}
+	})
+}
+
+func runIndex(ctx context.Context, c *cli.Command) error {
+	if c.NArg() != 1 {
+		return usagef(c, "want one image reference, got %d arguments", c.NArg())
+	}
+	span := flagSize(c, "span")
+	if span < 64<<10 {
+		return usagef(c, "--span %d: want at least 64 KiB", span)
+	}
+	compat, err := verity.ParseCompat(c.String("verity-compat"))
+	if err != nil {
+		return usagef(c, "%v", err)
+	}
+	res, err := oci.Index(ctx, c.Args().First(), oci.IndexOptions{
+		Platform: c.String("platform"), Insecure: c.Bool("insecure"), Span: span, VerityCompat: compat,
+	})
+	if err != nil {
+		return err
+	}
+	out := c.Root().Writer
+	if c.Bool("json") {
+		return printJSON(out, res)
+	}
+	state := "published"
+	if res.Reused {
+		state = "already indexed"
+	}
+	fmt.Fprintf(out, "image: %s %s\nindex: %s (%s, %d bytes, %.2f%% of the image's %d compressed bytes)\nroot hash: %s\n",
+		res.Ref, res.ManifestDigest, res.ArtifactDigest, state, res.ArtifactSize,
+		100*float64(res.ArtifactSize)/float64(max(res.ImageSize, 1)), res.ImageSize, res.RootHash)
+	return nil
+}
