@@ -53,7 +53,6 @@ func TestCacheCommands(t *testing.T) {
 		t.Errorf("ls --json: %+v", ents)
 	}
 	// fetch and ls say the same of the blob.
-	out, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs", "--json")
 	var fetched struct {
 		Blobs []struct {
 			ID         string `json:"id"`
@@ -61,9 +60,10 @@ func TestCacheCommands(t *testing.T) {
 			DiskUsage  int64  `json:"disk_usage"`
 		} `json:"blobs"`
 	}
-	if err != nil || json.Unmarshal([]byte(out), &fetched) != nil || len(fetched.Blobs) != 1 ||
+	decodeJSON(t, &fetched, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "/sync_io.rs", "--json")
+	if len(fetched.Blobs) != 1 ||
 		fetched.Blobs[0].ID != id || fetched.Blobs[0].ReadyUnits != 1 || fetched.Blobs[0].DiskUsage != ents[0].DiskUsage {
-		t.Errorf("fetch --json %v: %s; ls said %+v", err, out, ents)
+		t.Errorf("fetch --json: %+v; ls said %+v", fetched, ents)
 	}
 	if out, err = runCmd(t, "cache", "fetch", "--cache-dir", dir, "-B", boot, "-D", blobDir, "--all"); err != nil || !strings.Contains(out, "2/2 chunks cached") {
 		t.Errorf("fetch --all: %v\n%s", err, out)

@@ -52,6 +52,7 @@ bootstrap and every blob with its size. Then, for example:
   rafsnbd export -B image.boot -D blobs/ -o image.disk
   mount -t erofs -o loop,ro image.disk /mnt`,
 			Flags: []cli.Flag{
+				jsonFlag(),
 				&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Required: true, Usage: "bootstrap `FILE` to write"},
 				&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Required: true, Usage: "`DIR` to write blobs into (created if missing)"},
 				&cli.StringFlag{Name: "type", Usage: "`TYPE` of image: dir or tarfs (default: dir for a directory, tarfs for a tar)"},
@@ -156,6 +157,26 @@ func runCreate(ctx context.Context, c *cli.Command) (err error) {
 		return err
 	}
 
+	if c.Bool("json") {
+		type blobJSON struct {
+			ID               string `json:"id"`
+			Path             string `json:"path"`
+			Bytes            int64  `json:"bytes"`
+			UncompressedSize uint64 `json:"uncompressed_bytes"`
+			Chunks           uint32 `json:"chunks"`
+			Placed           string `json:"placed,omitempty"`
+		}
+		r := struct {
+			Bootstrap string     `json:"bootstrap"`
+			Bytes     int64      `json:"bytes"`
+			Inodes    uint64     `json:"inodes"`
+			Blobs     []blobJSON `json:"blobs"`
+		}{Bootstrap: bootPath, Bytes: int64(res.Bootstrap.Size), Inodes: uint64(res.Bootstrap.Inodes), Blobs: []blobJSON{}}
+		for _, b := range res.Blobs {
+			r.Blobs = append(r.Blobs, blobJSON{b.ID, b.Path, b.Size, b.UncompressedSize, b.Chunks, b.Placed})
+		}
+		return printJSON(c.Root().Writer, r)
+	}
 	fmt.Fprintf(c.Root().Writer, "bootstrap %s: %d bytes, %d inodes\n", bootPath, res.Bootstrap.Size, res.Bootstrap.Inodes)
 	for _, b := range res.Blobs {
 		how := ""

@@ -86,6 +86,7 @@ func verityFlags() []cli.Flag {
 		// and convert print ("--no-superblock --format=1 -s \"\" ...") can be
 		// pasted as it is.
 		&cli.BoolFlag{Name: "no-superblock", Value: true, Usage: "no verity superblock (the only layout rafsnbd writes; accepted for veritysetup's command line)"},
+		jsonFlag(),
 		&cli.IntFlag{Name: "format", Value: 1, Usage: "hash `FORMAT`: 1, the only one (accepted for veritysetup's command line)"},
 		&cli.StringFlag{Name: "salt", Aliases: []string{"s"}, Value: "-", Usage: "salt as `HEX`, or - for none (veritysetup's default is a random salt; pass it here)"},
 		&cli.StringFlag{Name: "hash", Value: "sha256", Usage: "hash `ALGORITHM`: sha256, sha1 or sha512"},
@@ -266,6 +267,9 @@ func runVerityFormat(ctx context.Context, c *cli.Command) error {
 	if err != nil {
 		return fmt.Errorf("verity format %s: %w", args[0], err)
 	}
+	if c.Bool("json") {
+		return printJSON(c.Root().Writer, verityReport(tree))
+	}
 	printTree(c.Root().Writer, tree)
 	log.Info().Msgf("check with: rafsnbd verity verify %s %s %s", verityFlagArgs(p, appended), strings.Join(args, " "), tree.RootHex())
 	if p.Compat == verity.Standard {
@@ -320,7 +324,7 @@ func runVerityVerify(ctx context.Context, c *cli.Command) error {
 		return fmt.Errorf("verity verify: root hash %q is not hex", args[len(args)-1])
 	}
 	if appended && !c.IsSet("data-blocks") {
-		return errors.New("verity verify: with the tree appended to DATA, pass --data-blocks (format printed it)")
+		return usagef(c, "with the tree appended to DATA, pass --data-blocks (format printed it)")
 	}
 	data, hashFile, p, closeFiles, err := openVerityFiles(c, args[0], args[1], appended, false)
 	if err != nil {
@@ -332,6 +336,9 @@ func runVerityVerify(ctx context.Context, c *cli.Command) error {
 	finish()
 	if err != nil {
 		return fmt.Errorf("verity verify %s: %w", args[0], err)
+	}
+	if c.Bool("json") {
+		return printJSON(c.Root().Writer, verityReport(&verity.Tree{Params: p, Root: root}))
 	}
 	fmt.Fprintf(c.Root().Writer, "Verified %d data blocks and %d hash blocks against root hash %x.\n", p.DataBlocks, p.HashBlocks(), root)
 	return nil

@@ -62,3 +62,58 @@ func TestExportJSON(t *testing.T) {
 		t.Errorf("export --json: %+v %+v", r, r.Verity)
 	}
 }
+
+func TestCreateAndVerityJSON(t *testing.T) {
+	w := t.TempDir()
+	src := filepath.Join(w, "src")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte(strings.Repeat("x", 100000)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var cr struct {
+		Bootstrap string `json:"bootstrap"`
+		Bytes     int64  `json:"bytes"`
+		Inodes    uint64 `json:"inodes"`
+		Blobs     []struct {
+			ID     string `json:"id"`
+			Path   string `json:"path"`
+			Bytes  int64  `json:"bytes"`
+			Chunks uint32 `json:"chunks"`
+		} `json:"blobs"`
+	}
+	boot := filepath.Join(w, "x.boot")
+	decodeJSON(t, &cr, "create", "-B", boot, "-D", filepath.Join(w, "blobs"), src, "--json")
+	if cr.Bootstrap != boot || cr.Bytes == 0 || cr.Inodes != 2 || len(cr.Blobs) != 1 || len(cr.Blobs[0].ID) != 64 ||
+		cr.Blobs[0].Chunks != 1 || cr.Blobs[0].Path != filepath.Join(w, "blobs", cr.Blobs[0].ID) {
+		t.Errorf("create --json: %+v", cr)
+	}
+
+	data := filepath.Join(w, "data")
+	if err := os.WriteFile(data, make([]byte, 64<<10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var f, v verityJSON
+	decodeJSON(t, &f, "verity", "format", data, "--json")
+	if len(f.RootHash) != 64 || f.DataBlocks != 16 || f.HashOffset != 64<<10 || !strings.HasSuffix(f.Options, f.RootHash) {
+		t.Errorf("verity format --json: %+v", f)
+	}
+	decodeJSON(t, &v, "verity", "verify", data, "--data-blocks", "16", f.RootHash, "--json")
+	if v.RootHash != f.RootHash || v.DataBlocks != 16 || v.HashBlocks != f.HashBlocks {
+		t.Errorf("verity verify --json: %+v, format said %+v", v, f)
+	}
+}
+
+// Durations in log lines carry their unit, in text and JSON alike.
+func TestLogDurationsHaveUnits(t *testing.T) {
+	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
+	for _, format := range []string{"--log-json", "--log-level=info"} {
+		disk := filepath.Join(t.TempDir(), "x.disk")
+		code, _, stderr := runLine(t, format, "export", "-B", boot, "-D", filepath.Dir(boot), "-o", disk)
+		m := regexp.MustCompile(`"?took"?[=:]"?([0-9.]+)([a-zµ]*)`).FindStringSubmatch(stderr)
+		if code != 0 || m == nil || m[2] == "" {
+			t.Errorf("%s: exit %d, took %q in:\n%s", format, code, m, stderr)
+		}
+	}
+}

@@ -92,13 +92,12 @@ Typical flow:
 			// text and JSON alike, instead of unit-less milliseconds.
 			zerolog.DurationFieldFormat = zerolog.DurationFormatString
 			var logger zerolog.Logger
+			out := c.Root().ErrWriter
 			if c.Bool("log-json") {
-				logger = zerolog.New(os.Stderr)
+				logger = zerolog.New(out)
 			} else {
-				logger = zerolog.New(zerolog.ConsoleWriter{
-					Out: os.Stderr, TimeFormat: time.TimeOnly,
-					NoColor: !term.IsTerminal(int(os.Stderr.Fd())),
-				})
+				tty := out == os.Stderr && term.IsTerminal(int(os.Stderr.Fd()))
+				logger = zerolog.New(zerolog.ConsoleWriter{Out: out, TimeFormat: time.TimeOnly, NoColor: !tty})
 			}
 			logger = logger.Level(level).With().Timestamp().Logger()
 			return logger.WithContext(ctx), nil
