@@ -329,7 +329,7 @@ func (c *Cache) OpenBlob(ctx context.Context, store Store, e *rafs.BlobEntry, ch
 			late, b, err = b, nil, errCacheClosed
 		}
 		if err != nil {
-			err = fmt.Errorf("blobcache: blob %s: %w", id, err)
+			err = fmt.Errorf("blobcache: %w", err) // the caller names the blob, the backend where it is
 			delete(c.blobs, id)
 		}
 		ob.b, ob.err = b, err
