@@ -18,6 +18,7 @@ W=$(mktemp -d /tmp/rafsnbd-readme.XXXXXX)
 REG_PID=
 cleanup() {
   set +e
+  "$BIN" umount "$W/mnt" >/dev/null 2>&1
   mountpoint -q "$W/mnt" && umount "$W/mnt"
   [ -n "$REG_PID" ] && kill "$REG_PID" && wait "$REG_PID" 2>/dev/null
   rm -rf "$W"
