@@ -103,10 +103,11 @@ type Options struct {
 	// ReserveBytes is the free space to leave on the cache's filesystem
 	// (0: DefaultReserveBytes; negative: none).
 	ReserveBytes int64
-	// StallTimeout fails a layer or config download that waits this long
-	// for its response or its next bytes (0: DefaultStallTimeout; negative:
-	// wait for ever). Only time spent waiting on the source counts, not
-	// time spent writing what arrived.
+	// StallTimeout bounds how long a registry request may wait for its
+	// response or its next bytes; a stalled request is retried, resuming
+	// where it stopped, a few times and then fails (0: DefaultStallTimeout;
+	// negative: wait for ever). Only time spent waiting on the source
+	// counts, not time spent writing what arrived.
 	StallTimeout time.Duration
 	// Progress, when set, receives events from the converting goroutines,
 	// possibly at the same time: it must be safe for concurrent use.

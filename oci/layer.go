@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/types"
-	"github.com/klauspost/compress/gzip"
-	"github.com/klauspost/compress/zstd"
 	"github.com/rs/zerolog"
 
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
@@ -26,32 +24,21 @@ import (
 // decompressor opens the uncompressed stream of a layer blob.
 type decompressor func(io.Reader) (io.ReadCloser, error)
 
-// zstdMaxWindow bounds the memory a zstd frame may ask for; zstd -19
-// --long uses 128 MiB windows at most.
-const zstdMaxWindow = 1 << 27
-
+// decompressorFor picks the decompression a layer's media type says; the
+// decoders are build's, which also reads compressed tars given to create.
 func decompressorFor(mt types.MediaType) (decompressor, error) {
+	var c build.Compression
 	switch mt {
 	case types.OCILayer, types.OCIRestrictedLayer, types.DockerLayer, types.DockerForeignLayer:
-		return func(r io.Reader) (io.ReadCloser, error) {
-			zr, err := gzip.NewReader(r)
-			if err != nil {
-				return nil, fmt.Errorf("gzip: %w", err)
-			}
-			return zr, nil
-		}, nil
+		c = build.Gzip
 	case types.OCILayerZStd:
-		return func(r io.Reader) (io.ReadCloser, error) {
-			zr, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(zstdMaxWindow))
-			if err != nil {
-				return nil, fmt.Errorf("zstd: %w", err)
-			}
-			return zr.IOReadCloser(), nil
-		}, nil
+		c = build.Zstd
 	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, types.DockerUncompressedLayer:
-		return func(r io.Reader) (io.ReadCloser, error) { return io.NopCloser(r), nil }, nil
+		c = build.Uncompressed
+	default:
+		return nil, fmt.Errorf("unsupported layer media type %q", mt)
 	}
-	return nil, fmt.Errorf("unsupported layer media type %q", mt)
+	return func(r io.Reader) (io.ReadCloser, error) { return build.NewDecompressReader(c, r) }, nil
 }
 
 // downloadReader checks a blob stream against its descriptor while it is

@@ -181,8 +181,15 @@ func indexTar(ctx context.Context, r io.ReaderAt, size int64) (*pathTree, error)
 			err = nil // only reported under GODEBUG=tarinsecurepath=0; cleanTarPath decides
 		}
 		if errors.Is(err, io.EOF) {
-			if src.off < end+tarfsBlockSize {
-				return nil, fmt.Errorf("build: tar truncated after %q: no end-of-archive marker at offset %d", prev, end)
+			// A tar may end right after its last entry's data, without the
+			// end-of-archive blocks: umoci writes layers so, and tar and
+			// containerd read them. A tar that ends inside that data is
+			// truncated.
+			if size < end {
+				return nil, fmt.Errorf("build: tar truncated inside %q: its data ends at offset %d, the tar at %d", prev, end, size)
+			}
+			if prev == "" && size < 2*tarfsBlockSize {
+				return nil, fmt.Errorf("build: not a tar: %d bytes, no entry and no end-of-archive marker", size)
 			}
 			return t, nil
 		}
