@@ -153,6 +153,9 @@ func (c *Cache) newBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chun
 		if err != nil {
 			return nil, err
 		}
+		if err := lay.useVerifier(be, e); err != nil { // tarfs blobs of a verified backend
+			return nil, err
+		}
 		b.lay = lay
 		b.start(false)
 		return b, nil
@@ -174,6 +177,9 @@ func (c *Cache) newBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chun
 	mr := &metaReader{ctx: ctx, be: be, extents: exts}
 	lay, err := buildLayout(e, mr, chunkTable, &c.opts)
 	if err != nil {
+		return nil, err
+	}
+	if err := lay.useVerifier(be, e); err != nil { // tarfs blobs of a verified backend
 		return nil, err
 	}
 	if mr.fetched > 0 {
@@ -385,7 +391,7 @@ func (b *blob) readAt(ctx context.Context, p []byte, off int64) (int, error) {
 		if _, err := readat.Full(b.data, p[:n], off); err != nil {
 			return 0, fmt.Errorf("blobcache: blob %s: cache file read at %d: %w", b.id, off, err)
 		}
-	case b.lay.unitSize > 0:
+	case b.lay.unitSize > 0 && b.lay.verifier == nil: // verified tarfs units go through readMem
 		if err := b.readStored(ctx, p[:n], off); err != nil {
 			return 0, err
 		}
@@ -683,7 +689,7 @@ func (b *blob) fetchUnits(ctx context.Context, f *fetch) error {
 			}
 			data = out
 		}
-		if err := b.lay.verify(c, data); err != nil {
+		if err := b.lay.verify(ctx, c, data); err != nil {
 			b.digestErrors.Add(1)
 			errs = append(errs, fmt.Errorf("unit %d (stored [%d, +%d)): %w", id, c.coff, c.csize, err))
 			continue

@@ -1,6 +1,7 @@
 package blobcache
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -27,6 +28,11 @@ type layout struct {
 	order    []uint32 // unit ids by uncompressed offset
 	size     int64    // uncompressed size
 	unitSize int64    // tarfs unit size, 0 for chunk units
+	// Tarfs units checked by a RangeVerifier (verified.go): the unit grid
+	// is shifted by phase bytes (unit i starts at i*unitSize-phase) so
+	// that units line up with the verifier's groups on the device.
+	phase    int64
+	verifier RangeVerifier
 	comp     rafs.Compressor
 	digester rafs.Digester
 }
@@ -35,7 +41,7 @@ type layout struct {
 // the uncompressed range [off, end).
 func (l *layout) span(off, end int64) (lo, hi int) {
 	if l.unitSize > 0 {
-		return int(off / l.unitSize), int((end + l.unitSize - 1) / l.unitSize)
+		return int((off + l.phase) / l.unitSize), int((end + l.phase + l.unitSize - 1) / l.unitSize)
 	}
 	lo = sort.Search(len(l.order), func(i int) bool {
 		u := &l.units[l.order[i]]
@@ -47,8 +53,13 @@ func (l *layout) span(off, end int64) (lo, hi int) {
 	return lo, hi
 }
 
-// verify checks a unit's uncompressed bytes against its digest.
-func (l *layout) verify(u *unit, data []byte) error {
+// verify checks a unit's uncompressed bytes against its digest, or, for
+// a tarfs unit of a verified backend, with the backend's RangeVerifier
+// (the dm-verity tree of the image the blob belongs to).
+func (l *layout) verify(ctx context.Context, u *unit, data []byte) error {
+	if l.verifier != nil {
+		return l.verifier.VerifyRange(ctx, int64(u.uoff), data)
+	}
 	if !u.hasDigest {
 		return nil
 	}
@@ -85,6 +96,15 @@ func (l *layout) fingerprint(entry [32]byte) [32]byte {
 	var b [8 + 8 + 4 + 4 + 2 + 32]byte
 	binary.LittleEndian.PutUint64(b[:], uint64(l.unitSize))
 	h.Write(b[:8])
+	if l.verifier != nil {
+		// Units checked against a verity tree are not those of the same
+		// blob cached unchecked (or against another tree).
+		id := l.verifier.VerifyID()
+		binary.LittleEndian.PutUint64(b[:], uint64(l.phase))
+		h.Write([]byte("verified\x00"))
+		h.Write(b[:8])
+		h.Write(id[:])
+	}
 	for i := range l.units {
 		u := &l.units[i]
 		binary.LittleEndian.PutUint64(b[0:], u.coff)
