@@ -1,0 +1,395 @@
+package oci
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
+	"github.com/rafsnbd/rafsnbd/blobcache/registry"
+	"github.com/rafsnbd/rafsnbd/internal/gzran"
+	"github.com/rafsnbd/rafsnbd/rafs"
+	"github.com/rafsnbd/rafsnbd/verity"
+)
+
+// Bounds on what an index artifact may make the reader fetch and hold.
+const (
+	maxIndexConfig    = 4 << 20
+	maxIndexBootstrap = 1 << 30 // uncompressed
+	maxIndexBlob      = 1 << 30 // any other artifact blob
+)
+
+// OpenIndexOptions control OpenIndexed.
+type OpenIndexOptions struct {
+	Platform string // default DefaultPlatform()
+	Insecure bool
+	Keychain authn.Keychain
+	// RootHash, hex, pins the verity root the index must have; an index
+	// with another root is refused.
+	RootHash string
+	// UnitSize is the cache unit of the layers: a power of two from 64 KiB
+	// to 16 MiB (0: 64 KiB, one verity group, so a cold read fetches no
+	// more than the checkpoint spans of that group).
+	UnitSize int64
+}
+
+// DefaultLazyUnitSize is OpenIndexOptions.UnitSize's default.
+const DefaultLazyUnitSize = blobcache.VerityGroupSize
+
+// IndexedImage is an image read lazily through the index artifact that
+// 'rafsnbd index' published beside it (issue 12): its merged bootstrap,
+// and a blob store whose layers are read by range (through the gzip
+// checkpoints) and checked against the verity tree of the merged device.
+type IndexedImage struct {
+	Ref            string
+	ManifestDigest string
+	ArtifactDigest string
+	RootHash       string
+	// Bootstrap is the merged bootstrap, checked against the tree by
+	// Verity.CheckBootstrap once the device is composed.
+	Bootstrap []byte
+	Verity    *blobcache.DeviceVerity
+	// Layers are the image's layers, in order, as the index has them.
+	Layers []IndexLayer
+	stats  func() registry.Stats
+}
+
+// Store is the blob store the composed device reads layers from.
+func (ii *IndexedImage) Store() blobcache.Store { return ii.Verity.Store() }
+
+// FetchStats are the registry requests and bytes of the layers' reads
+// (zero for an OCI layout).
+func (ii *IndexedImage) FetchStats() registry.Stats {
+	if ii.stats == nil {
+		return registry.Stats{}
+	}
+	return ii.stats()
+}
+
+// Close releases the layers' backends.
+func (ii *IndexedImage) Close() error { return ii.Verity.Close() }
+
+// OpenIndexed finds the index artifact of the image ref names (its
+// referrers: the OCI 1.1 API, else the sha256-<hex> tag; or the layout's
+// index.json), fetches it, checks its blobs' digests, that it is the
+// index of this image, and that its level-1 digests make its root hash
+// (opts.RootHash, when given), and returns what the device is composed
+// from. Nothing of the layers is read.
+func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*IndexedImage, error) {
+	if opts.Platform == "" {
+		opts.Platform = DefaultPlatform()
+	}
+	if opts.UnitSize == 0 {
+		opts.UnitSize = DefaultLazyUnitSize
+	}
+	pin := strings.ToLower(opts.RootHash)
+	if pin != "" {
+		if b, err := hex.DecodeString(pin); err != nil || len(b) != sha256.Size {
+			return nil, fmt.Errorf("oci: root hash %q is not 64 hex digits", opts.RootHash)
+		}
+	}
+	platform, err := v1.ParsePlatform(opts.Platform)
+	if err != nil {
+		return nil, fmt.Errorf("oci: platform %q: %w", opts.Platform, err)
+	}
+	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
+	if err != nil {
+		return nil, err
+	}
+	img, err := resolveImage(ctx, src, platform, limits{manifest: DefaultMaxManifestSize, config: DefaultMaxConfigSize, layers: rafs.MaxBlobs})
+	if err != nil {
+		return nil, err
+	}
+	cands, err := indexCandidates(ctx, src, img.manifestDigest, opts.Keychain)
+	if err != nil {
+		return nil, fmt.Errorf("oci: %s: looking for its index: %w", img.source, err)
+	}
+	if len(cands) == 0 {
+		return nil, fmt.Errorf("oci: %s: not converted, and no index of it (%s) was found: run rafsnbd index %s", img.source, img.manifestDigest, ref)
+	}
+	var errs []string
+	for _, d := range cands {
+		a, err := loadArtifact(ctx, src, img, d)
+		if err != nil {
+			errs = append(errs, fmt.Sprintf("%s: %v", d, err))
+			continue
+		}
+		if pin != "" && a.root != pin {
+			errs = append(errs, fmt.Sprintf("%s has root hash %s", d, a.root))
+			continue
+		}
+		ii, err := a.open(ctx, src, img, opts)
+		if err != nil {
+			errs = append(errs, fmt.Sprintf("%s: %v", d, err))
+			continue
+		}
+		return ii, nil
+	}
+	want := ""
+	if pin != "" {
+		want = " with root hash " + pin
+	}
+	return nil, fmt.Errorf("oci: %s: no usable index%s (%s)", img.source, want, strings.Join(errs, "; "))
+}
+
+// indexCandidates lists the index artifacts whose subject is the manifest.
+func indexCandidates(ctx context.Context, src source, subject v1.Hash, kc authn.Keychain) ([]v1.Hash, error) {
+	var out []v1.Hash
+	switch s := src.(type) {
+	case *registrySource:
+		if kc == nil {
+			kc = authn.DefaultKeychain
+		}
+		// go-containerregistry asks the referrers API and falls back to
+		// the sha256-<hex> tag where the registry has none.
+		idx, err := remote.Referrers(s.ref.Context().Digest(subject.String()), remote.WithContext(ctx),
+			remote.WithAuthFromKeychain(kc), remote.WithFilter("artifactType", IndexArtifactType))
+		if err != nil {
+			return nil, err
+		}
+		im, err := idx.IndexManifest()
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range im.Manifests {
+			if d.ArtifactType == IndexArtifactType {
+				out = append(out, d.Digest)
+			}
+		}
+	case *layoutSource:
+		ii, err := s.path.ImageIndex()
+		if err != nil {
+			return nil, err
+		}
+		im, err := ii.IndexManifest()
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range im.Manifests {
+			if d.ArtifactType == IndexArtifactType && d.Annotations[subjectAnnotation] == subject.String() {
+				out = append(out, d.Digest)
+			}
+		}
+	default:
+		return nil, fmt.Errorf("cannot look for an index in %s", src.canonical())
+	}
+	// The newest last in both lists: try it first.
+	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
+		out[i], out[j] = out[j], out[i]
+	}
+	return out, nil
+}
+
+// artifact is an index artifact fetched and checked against itself and
+// the image.
+type artifact struct {
+	digest    v1.Hash
+	cfg       IndexConfig
+	bootstrap []byte
+	level1    []byte
+	tables    map[int][]byte // artifact layer → gzip table
+	root      string
+}
+
+// fetchBlob reads a blob of at most limit bytes and checks its digest.
+func fetchBlob(ctx context.Context, src source, d v1.Descriptor, limit int64) ([]byte, error) {
+	if d.Size < 0 || d.Size > limit {
+		return nil, fmt.Errorf("blob %s of %d bytes (at most %d)", d.Digest, d.Size, limit)
+	}
+	rc, err := src.blob(ctx, d.Digest)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: %w", d.Digest, err)
+	}
+	defer rc.Close()
+	b, err := readLimited(rc, d.Size)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: %w", d.Digest, err)
+	}
+	if got := sha256Hash(b); got != d.Digest || int64(len(b)) != d.Size {
+		return nil, fmt.Errorf("blob %s: content has digest %s and %d bytes (descriptor: %d): changed", d.Digest, got, len(b), d.Size)
+	}
+	return b, nil
+}
+
+func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*artifact, error) {
+	raw, _, err := src.manifest(ctx, d, DefaultMaxManifestSize)
+	if err != nil {
+		return nil, err
+	}
+	if got := sha256Hash(raw); got != d {
+		return nil, fmt.Errorf("manifest content has digest %s", got)
+	}
+	var m struct {
+		v1.Manifest
+		ArtifactType string `json:"artifactType"`
+	}
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	if m.ArtifactType != IndexArtifactType || m.Subject == nil || m.Subject.Digest != img.manifestDigest ||
+		string(m.Config.MediaType) != IndexConfigType || len(m.Layers) < 2 ||
+		string(m.Layers[0].MediaType) != IndexBootstrapType || string(m.Layers[1].MediaType) != IndexVerityType {
+		return nil, errors.New("not an index artifact of this image")
+	}
+	a := &artifact{digest: d, tables: map[int][]byte{}}
+	rawCfg, err := fetchBlob(ctx, src, m.Config, maxIndexConfig)
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(rawCfg, &a.cfg); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if a.cfg.Manifest != img.manifestDigest.String() {
+		return nil, fmt.Errorf("config names manifest %s", a.cfg.Manifest)
+	}
+	zboot, err := fetchBlob(ctx, src, m.Layers[0], maxIndexBlob)
+	if err != nil {
+		return nil, err
+	}
+	dec, err := zstd.NewReader(bytes.NewReader(zboot), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxIndexBootstrap))
+	if err != nil {
+		return nil, err
+	}
+	a.bootstrap, err = readLimited(dec, maxIndexBootstrap)
+	dec.Close()
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap: %w", err)
+	}
+	if a.level1, err = fetchBlob(ctx, src, m.Layers[1], maxIndexBlob); err != nil {
+		return nil, err
+	}
+	fill := make([]byte, sha256.Size)
+	switch a.cfg.Verity.Compat {
+	case verity.Standard.String():
+	case verity.NydusCompat.String():
+		f := sha256.Sum256(make([]byte, verityHashBlockSize))
+		fill = f[:]
+	default:
+		return nil, fmt.Errorf("verity compat %q", a.cfg.Verity.Compat)
+	}
+	if len(a.level1) == 0 || len(a.level1)%sha256.Size != 0 {
+		return nil, fmt.Errorf("%d bytes of level-1 digests", len(a.level1))
+	}
+	// The root is recomputed here: the config's is only a label.
+	a.root = hex.EncodeToString(rootOf(a.level1, fill))
+	if a.root != a.cfg.Verity.RootHash {
+		return nil, fmt.Errorf("its level-1 digests make root hash %s, its config says %s", a.root, a.cfg.Verity.RootHash)
+	}
+	if len(a.cfg.Layers) != len(img.layers) {
+		return nil, fmt.Errorf("%d layers, the image has %d", len(a.cfg.Layers), len(img.layers))
+	}
+	for i, l := range a.cfg.Layers {
+		il := img.layers[i]
+		if l.Digest != il.digest.String() || l.DiffID != il.diffID.String() || l.Size != il.size || l.MediaType != string(il.mediaType) {
+			return nil, fmt.Errorf("layer %d is %s (%s), the image's is %s (%s)", i, l.Digest, l.DiffID, il.digest, il.diffID)
+		}
+		if l.Table < 0 {
+			continue
+		}
+		if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexGzipTableType {
+			return nil, fmt.Errorf("layer %d: checkpoint table %d is not in the artifact", i, l.Table)
+		}
+		if a.tables[l.Table], err = fetchBlob(ctx, src, m.Layers[l.Table], maxIndexBlob); err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
+}
+
+// open builds the layers' backends and the verity checker.
+func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIndexOptions) (*IndexedImage, error) {
+	ri, err := rafs.NewImage(bytes.NewReader(a.bootstrap), int64(len(a.bootstrap)))
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap: %w", err)
+	}
+	defer ri.Close()
+	if ri.BlockSize != verityDataBlockSize {
+		return nil, fmt.Errorf("bootstrap: %d-byte blocks, not a tarfs image", ri.BlockSize)
+	}
+	var raws blobcache.Store
+	ii := &IndexedImage{Ref: img.source, ManifestDigest: img.manifestDigest.String(), ArtifactDigest: a.digest.String(),
+		RootHash: a.root, Bootstrap: a.bootstrap, Layers: a.cfg.Layers}
+	switch s := src.(type) {
+	case *registrySource:
+		rs, err := registry.New(s.ref.Context().String(), registry.Options{Insecure: opts.Insecure, Keychain: opts.Keychain})
+		if err != nil {
+			return nil, err
+		}
+		raws, ii.stats = rs, rs.Stats
+	case *layoutSource:
+		raws = localfs.New(filepath.Join(s.dir, "blobs", "sha256"))
+	default:
+		return nil, fmt.Errorf("cannot read layers from %s", src.canonical())
+	}
+	byDiff := map[string]*IndexLayer{}
+	for i := range a.cfg.Layers {
+		byDiff[strings.TrimPrefix(a.cfg.Layers[i].DiffID, "sha256:")] = &a.cfg.Layers[i]
+	}
+	var exts []blobcache.VerityExtent
+	closeAll := func() {
+		for _, e := range exts {
+			if c, ok := e.Raw.(io.Closer); ok {
+				c.Close()
+			}
+		}
+	}
+	end := uint64(len(a.bootstrap)) / verityDataBlockSize
+	for i := range ri.Blobs {
+		e := &ri.Blobs[i]
+		l := byDiff[e.ID()]
+		if l == nil || !e.IsTarfs() || uint64(l.UncompressedSize) != e.UncompressedSize || e.UncompressedSize%verityDataBlockSize != 0 {
+			closeAll()
+			return nil, fmt.Errorf("bootstrap: blob %d (%s) is not a layer of the index", i, e.ID())
+		}
+		raw, err := raws.Open(ctx, strings.TrimPrefix(l.Digest, "sha256:"))
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		if l.Table >= 0 {
+			var idx gzran.Index
+			if err := idx.UnmarshalBinary(a.tables[l.Table]); err != nil {
+				closeAll()
+				return nil, fmt.Errorf("layer %s: %w", l.Digest, err)
+			}
+			if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
+				closeAll()
+				return nil, fmt.Errorf("layer %s: checkpoint table for %d/%d bytes, the layer has %d/%d", l.Digest, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
+			}
+			if raw, err = blobcache.NewGzipLayer(raw, &idx); err != nil {
+				closeAll()
+				return nil, err
+			}
+		} else if l.Size != l.UncompressedSize {
+			closeAll()
+			return nil, fmt.Errorf("layer %s: uncompressed, but %d stored bytes for %d", l.Digest, l.Size, l.UncompressedSize)
+		}
+		addr := uint64(ri.DeviceSlots[i].MappedBlkAddr)
+		exts = append(exts, blobcache.VerityExtent{ID: e.ID(), Offset: int64(addr * verityDataBlockSize), Length: int64(e.UncompressedSize), Raw: raw})
+		end = max(end, addr+e.UncompressedSize/verityDataBlockSize)
+	}
+	if end != a.cfg.Verity.DataBlocks {
+		closeAll()
+		return nil, fmt.Errorf("the device has %d blocks, its verity tree %d", end, a.cfg.Verity.DataBlocks)
+	}
+	ii.Verity, err = blobcache.NewDeviceVerity(a.level1, a.cfg.Verity.Compat == verity.NydusCompat.String(),
+		int64(end*verityDataBlockSize), a.bootstrap, exts, opts.UnitSize)
+	if err != nil {
+		closeAll()
+		return nil, err
+	}
+	return ii, nil
+}
