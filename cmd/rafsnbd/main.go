@@ -191,6 +191,8 @@ func logger(ctx context.Context) *zerolog.Logger { return zerolog.Ctx(ctx) }
 func runMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	app := newApp()
 	app.Writer, app.ErrWriter = stdout, stderr
+	// Run as a nydus-image symlink: the nydus-image command.
+	args = nydusImageArgs(args)
 	err := app.Run(ctx, args)
 	if err == nil {
 		return 0
