@@ -2,13 +2,21 @@
 GO      ?= go
 BIN     ?= bin/rafsnbd
 FUZZTIME ?= 5m
+PREFIX  ?= /usr/local
 
-.PHONY: all build test run bench fuzz lint clean
+.PHONY: all build install test run bench fuzz lint clean
 
 all: build
 
 build:
 	$(GO) build -trimpath -buildvcs=auto -o $(BIN) ./cmd/rafsnbd
+
+# bin/rafsnbd into $(PREFIX)/bin, with the nydus-image symlink through which
+# nydus-snapshotter's tarfs mode runs it (its nydus_image_path).
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/rafsnbd
+	ln -sfn rafsnbd $(DESTDIR)$(PREFIX)/bin/nydus-image
 
 # The whole test suite (what CI runs).
 test:
