@@ -43,12 +43,22 @@ done
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 printf 'image: %d MiB device (load %s)\n' $(($(stat -c %s "$W/img.disk") >> 20)) "$(cut -d' ' -f1 /proc/loadavg)"
-printf '%-7s %14s %14s\n' mode "nbdcopy s" "QD32 IOPS"
+# Runs interleave the modes (disk, warm, direct, disk, ...) so that a load
+# change on a shared machine hits every mode alike; medians of $RUNS.
+declare -A T I
+for _ in $(seq "$RUNS"); do
+  for m in disk warm direct; do
+    s=$(date +%s.%N); nbdcopy "$(uri $m)" null:; e=$(date +%s.%N)
+    T[$m]+="$(echo "$e - $s" | bc) "
+    I[$m]+="$(fio --name=rr --ioengine=nbd --uri="$(uri $m)" --rw=randread --bs=4k --iodepth=32 \
+      --runtime="$FIO_RUNTIME" --time_based --output-format=json 2>/dev/null | sed -n '/^{/,$p' | jq '.jobs[0].read.iops | floor') "
+  done
+done
+echo "IOPS samples: disk ${I[disk]}/ warm ${I[warm]}/ direct ${I[direct]}" >&2
+printf '%-7s %14s %14s %18s\n' mode "nbdcopy s" "QD32 IOPS" "IOPS / disk's"
+di=$(tr ' ' '\n' <<<"${I[disk]}" | grep . | median)
 for m in disk warm direct; do
-  t=$(for _ in $(seq "$RUNS"); do
-    s=$(date +%s.%N); nbdcopy "$(uri $m)" null:; e=$(date +%s.%N); echo "$e - $s" | bc
-  done | median)
-  iops=$(fio --name=rr --ioengine=nbd --uri="$(uri $m)" --rw=randread --bs=4k --iodepth=32 \
-    --runtime="$FIO_RUNTIME" --time_based --output-format=json 2>/dev/null | sed -n '/^{/,$p' | jq '.jobs[0].read.iops | floor')
-  printf '%-7s %14.3f %14s\n' "$m" "$t" "$iops"
+  t=$(tr ' ' '\n' <<<"${T[$m]}" | grep . | median)
+  i=$(tr ' ' '\n' <<<"${I[$m]}" | grep . | median)
+  printf '%-7s %14.3f %14s %18.2f\n' "$m" "$t" "$i" "$(echo "$i / $di" | bc -l)"
 done
