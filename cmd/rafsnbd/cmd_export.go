@@ -50,6 +50,7 @@ Without -o the disk is written beside the blobs in -D as <blob id>.image.disk
 (the last blob's id, as nydus-snapshotter names image disks) or, with
 --layer, <blob id>.layer.disk. With --image or --registry, give -o.`,
 			Flags: append(imageFlags(),
+				rootHashFlag(), // issue 12: pins the verity root of a lazily read --image
 				&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "disk `FILE` to write"},
 				&cli.BoolFlag{Name: "verity", Usage: "append a dm-verity hash tree and print its options"},
 				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},

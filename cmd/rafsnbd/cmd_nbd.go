@@ -48,6 +48,7 @@ Several --connections give the device that many queues, served in parallel.
 Commands: 'rafsnbd nbd status' lists devices, 'rafsnbd nbd disconnect
 /dev/nbdN' detaches one, whoever serves it.`,
 			Flags: append(append(imageFlags(), prefetchFlags()...),
+				rootHashFlag(), // issue 12: pins the verity root of a lazily read --image
 				&cli.StringFlag{Name: "disk", Usage: "serve this flat disk `FILE`: an EROFS image such as `rafsnbd export` writes (instead of -B/-D)"},
 				&cli.StringFlag{Name: "device", Value: "auto", Usage: "`/dev/nbdN` to use, or auto to take a free one"},
 				&cli.IntFlag{Name: "connections", Value: 1, Usage: "number of sockets (kernel queues) serving the device, `N` in 1..32"},

@@ -47,6 +47,7 @@ socket or a loopback address is accepted; binding any other address needs
 --allow-remote. SIGINT or SIGTERM stops accepting, lets every client's
 in-flight reads finish, and exits 0.`,
 			Flags: append(append(multiImageFlags(), prefetchFlags()...),
+				rootHashFlag(), // issue 12: pins the verity root of a lazily read --image
 				&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
 				&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
 				&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: each -B image's, each --image's, then each --disk's (repeatable)"},

@@ -24,8 +24,12 @@ func checkImageFlags(c *cli.Command, disksOK bool) error {
 	if has("registry") && !has("cache-dir") {
 		return usagef(c, "--registry reads blobs lazily into a cache: give --cache-dir DIR too")
 	}
-	if has("insecure") && !has("registry") && !has("backend") {
+	// --image may be read lazily from its registry (issue 12), so it takes --insecure too.
+	if has("insecure") && !has("registry") && !has("backend") && !has("image") {
 		return usagef(c, "--insecure is for a --registry blob source; there is none")
+	}
+	if has("root-hash") && !has("image") {
+		return usagef(c, "--root-hash pins the verity root of an --image read through its index: give --image REF")
 	}
 	for _, f := range []string{"prefetch", "prefetch-all"} {
 		if has(f) && !has("cache-dir") {

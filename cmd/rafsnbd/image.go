@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
@@ -21,7 +23,7 @@ import (
 // come from. Every command that composes an image takes them.
 func imageFlags() []cli.Flag {
 	return append([]cli.Flag{
-		&cli.StringFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir (reference, manifest digest, or 12+ hex digits of it)"},
+		&cli.StringFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir (reference, manifest digest, or 12+ hex digits of it), or else read lazily from its registry through the index 'rafsnbd index' published"},
 		&cli.StringFlag{Name: "bootstrap", Aliases: []string{"B"}, Usage: "RAFS v6 bootstrap `FILE` (a layer's, or an image's merged one)"},
 		&cli.StringFlag{Name: "blob-dir", Aliases: []string{"D"}, Usage: "`DIR` holding the blobs, one file per blob id (for tarfs: the layer tars)"},
 		cacheDirFlag(),
@@ -68,7 +70,7 @@ func multiImageFlags() []cli.Flag {
 		case "bootstrap":
 			flags[i] = &cli.StringSliceFlag{Name: "bootstrap", Aliases: []string{"B"}, Usage: "RAFS v6 bootstrap `FILE` of an image to serve (repeatable)"}
 		case "image":
-			flags[i] = &cli.StringSliceFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir (repeatable)"}
+			flags[i] = &cli.StringSliceFlag{Name: "image", Usage: "an OCI image `REF` converted by 'rafsnbd convert' into --cache-dir, or read lazily through its index (repeatable)"}
 		}
 	}
 	return flags
@@ -128,7 +130,7 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 	c, ctx := o.c, o.ctx
 	log := logger(ctx)
 	if src.ref != "" {
-		return openConvertedImage(o.ctx, c, src.ref)
+		return o.openRef(src.ref, withPrefetch)
 	}
 	boot, cacheRoot := src.bootstrap, c.String("cache-dir")
 	if boot == "" {
@@ -153,16 +155,9 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 		ri.Close()
 		return nil, err
 	}
-	if o.cache == nil {
-		if cacheRoot == "" {
-			o.cache, err = blobcache.OpenMemory(&blobcache.Options{Logger: log})
-		} else {
-			o.cache, err = openBlobCache(cacheRoot, log)
-		}
-		if err != nil {
-			ri.Close()
-			return nil, err
-		}
+	if err := o.openCache(); err != nil {
+		ri.Close()
+		return nil, err
 	}
 	img, err := blockdev.OpenRafs(ctx, ri, blockdev.CachedBlobs{Cache: o.cache, Store: store})
 	if err != nil {
@@ -177,6 +172,91 @@ func (o *imageOpener) open(src imageSource, withPrefetch bool) (*blockdev.Image,
 	log.Debug().Str("bootstrap", boot).Int("blobs", len(img.Rafs.Blobs)).Bool("cached", cacheRoot != "").
 		Int64("size", img.Size()).Uint32("block_size", img.BlockSize()).Msg("image composed")
 	return img, nil
+}
+
+// openCache opens the command's blob cache the first time an image needs
+// it: disk-backed under --cache-dir, else memory-only.
+func (o *imageOpener) openCache() error {
+	if o.cache != nil {
+		return nil
+	}
+	var err error
+	log := logger(o.ctx)
+	if cacheRoot := o.c.String("cache-dir"); cacheRoot == "" {
+		o.cache, err = blobcache.OpenMemory(&blobcache.Options{Logger: log})
+	} else {
+		o.cache, err = openBlobCache(cacheRoot, log)
+	}
+	return err
+}
+
+// rootHashFlag pins the verity root of an image read through its index.
+func rootHashFlag() cli.Flag {
+	return &cli.StringFlag{Name: "root-hash", Usage: "for --image: read it through its index (even if converted in --cache-dir) and refuse an index whose verity root is not `HEX`"}
+}
+
+// openRef composes the image --image names: converted into --cache-dir
+// by 'rafsnbd convert', or else (and always with --root-hash) read lazily
+// through the index 'rafsnbd index' published beside it: layers fetched
+// by range and every unit checked against the image's verity tree before
+// it is cached or served.
+func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, error) {
+	c, ctx := o.c, o.ctx
+	pin := c.String("root-hash")
+	if pin == "" && c.String("cache-dir") != "" {
+		img, err := openConvertedImage(ctx, c, ref)
+		if err == nil {
+			return img, nil
+		}
+		logger(ctx).Debug().Err(err).Str("image", ref).Msg("not converted; looking for its index")
+	}
+	ii, err := oci.OpenIndexed(ctx, ref, oci.OpenIndexOptions{Insecure: c.Bool("insecure"), RootHash: pin})
+	if err != nil {
+		return nil, err
+	}
+	ri, err := rafs.NewImage(bytes.NewReader(ii.Bootstrap), int64(len(ii.Bootstrap)))
+	if err != nil {
+		ii.Close()
+		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
+	}
+	if err := o.openCache(); err != nil {
+		ri.Close()
+		ii.Close()
+		return nil, err
+	}
+	img, err := blockdev.OpenRafs(ctx, ri, blockdev.CachedBlobs{Cache: o.cache, Store: ii.Store()})
+	if err != nil {
+		ii.Close()
+		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
+	}
+	img.AddCloser(lazyStats{ii, logger(ctx)})
+	if err := ii.Verity.CheckBootstrap(ctx, img.Composed); err != nil {
+		img.Close()
+		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
+	}
+	if withPrefetch && c.String("cache-dir") != "" {
+		if err := prefetchImage(img, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
+			img.Close()
+			return nil, err
+		}
+	}
+	logger(ctx).Info().Str("image", ii.Ref).Str("manifest", ii.ManifestDigest).Str("index", ii.ArtifactDigest).
+		Str("root_hash", ii.RootHash).Int("layers", len(ii.Layers)).Int64("size", img.Size()).Msg("image read lazily through its index")
+	return img, nil
+}
+
+// lazyStats closes an indexed image's layer backends and logs what was
+// fetched from the registry (scripts/bench-lazy-oci.sh reads this line).
+type lazyStats struct {
+	ii  *oci.IndexedImage
+	log *zerolog.Logger
+}
+
+func (l lazyStats) Close() error {
+	st := l.ii.FetchStats()
+	l.log.Info().Str("image", l.ii.Ref).Int64("requests", st.Requests).Int64("retries", st.Retries).
+		Int64("fetched_bytes", st.Bytes).Msg("lazy image closed")
+	return l.ii.Close()
 }
 
 // openConvertedImage composes an image that 'rafsnbd convert' left in the
