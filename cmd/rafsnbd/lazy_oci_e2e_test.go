@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -139,8 +140,9 @@ func TestLazyOCIImage(t *testing.T) {
 		t.Fatalf("serve with another root pinned: %v\n%s", err, msg)
 	}
 
-	// Damage the base layer in the registry's storage, in the middle of
-	// the large file: it reads as EIO from a fresh cache, the rest reads.
+	// kill -9 while --prefetch-all fills the cache; with the base layer
+	// then gone from the registry, a restart serves what was ready (the
+	// exact bytes) and EIO for the rest, never anything unchecked.
 	blobs, _ := filepath.Glob(filepath.Join(data, "docker/registry/v2/blobs/sha256/*/*/data"))
 	var biggest string
 	var size int64
@@ -149,6 +151,47 @@ func TestLazyOCIImage(t *testing.T) {
 			biggest, size = b, st.Size()
 		}
 	}
+	killCache := filepath.Join(w, "cache-kill")
+	cmd9, _, _ := startServeIn(t, bin, w, "--listen", "unix:"+filepath.Join(w, "k.sock"), "--image", ref, "--insecure", "--cache-dir", killCache, "--prefetch-all")
+	time.Sleep(1500 * time.Millisecond) // ready bits become durable every second (FlushInterval)
+	cmd9.Process.Kill()
+	cmd9.Wait()
+	if err := os.Rename(biggest, biggest+".away"); err != nil {
+		t.Fatal(err)
+	}
+	uri = startServe(t, bin, "--image", ref, "--insecure", "--cache-dir", killCache)
+	mnt = mountNBD(t, uri)
+	wantBig, err := os.ReadFile(filepath.Join(umociUnpackDir(t, layoutDir, "v1"), "usr/lib/big.so"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(mnt, "usr/lib/big.so"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	okReads, failed := 0, 0
+	for off := 0; off < len(wantBig); off += 256 << 10 {
+		b := make([]byte, min(256<<10, len(wantBig)-off))
+		if _, err := f.ReadAt(b, int64(off)); err != nil {
+			failed++
+			continue
+		}
+		if !bytes.Equal(b, wantBig[off:off+len(b)]) {
+			t.Fatalf("after kill -9 and restart: wrong bytes at %d of big.so", off)
+		}
+		okReads++
+	}
+	f.Close()
+	t.Logf("after kill -9 at 1.5 s and restart, the layer gone: %d reads of 256 KiB from the cache, %d failed", okReads, failed)
+	if okReads == 0 {
+		t.Fatal("nothing cached before the kill was served after the restart")
+	}
+	if err := os.Rename(biggest+".away", biggest); err != nil {
+		t.Fatal(err)
+	}
+
+	// Damage the base layer in the registry's storage, in the middle of
+	// the large file: it reads as EIO from a fresh cache, the rest reads.
 	flipByte(t, biggest, size/2)
 	uri = startServe(t, bin, "--image", ref, "--insecure", "--cache-dir", filepath.Join(w, "cache-damaged"), "--root-hash", root)
 	mnt = mountNBD(t, uri)
