@@ -157,13 +157,7 @@ func newTarTemp(dir string) (*atomicfile.File, error) { return atomicfile.Create
 
 // newBlobTemp creates the temporary a blob is written into before its
 // hash, and so its name, is known; gc recognises it by atomicfile.IsTemp.
-func newBlobTemp(dir string) (*os.File, error) {
-	f, err := atomicfile.CreateIn(dir, "blob")
-	if err != nil {
-		return nil, err
-	}
-	return f.File, nil
-}
+func newBlobTemp(dir string) (*atomicfile.File, error) { return atomicfile.CreateIn(dir, "blob") }
 
 // commitBlob syncs a finished temporary file and renames it to dir/id;
 // files of our own get mode.

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
@@ -42,7 +43,7 @@ type chunkJob struct {
 // tracks the chunk-info array.
 type blobWriter struct {
 	opts  *Options
-	f     *os.File
+	f     *atomicfile.File // write errors name the blob dir, not the temporary
 	w     *bufio.Writer
 	sum   hash.Hash
 	coff  uint64 // bytes written so far
