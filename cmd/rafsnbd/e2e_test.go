@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
@@ -122,44 +121,21 @@ func mountLoop(t *testing.T, file string, size int64) string {
 func startServe(t *testing.T, bin string, args ...string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	cmd := exec.Command(bin, append([]string{"--log-level", "warn", "serve", "--listen", "unix:" + sock}, args...)...)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
+	cmd, uri, stderr := startServeIn(t, bin, "", append([]string{"--listen", "unix:" + sock}, args...)...)
+	t.Cleanup(func() { // before startServeIn's kill: SIGINT must stop it
 		cmd.Process.Signal(os.Interrupt)
 		done := make(chan struct{})
 		go func() { cmd.Wait(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(15 * time.Second):
-			cmd.Process.Kill()
-			<-done
 			t.Errorf("rafsnbd serve did not stop on SIGINT; stderr:\n%s", stderr.String())
 		}
 	})
-	uris := make(chan string, 1)
-	go func() { // the first line printed is the first export's URI, once listening
-		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		uris <- strings.TrimSpace(line)
-		io.Copy(io.Discard, stdout)
-	}()
-	select {
-	case uri := <-uris:
-		if !strings.HasPrefix(uri, "nbd+unix://") {
-			t.Fatalf("serve printed %q; stderr:\n%s", uri, stderr.String())
-		}
-		return uri
-	case <-time.After(30 * time.Second):
-		t.Fatalf("serve printed no URI in 30 s; stderr:\n%s", stderr.String())
+	if !strings.HasPrefix(uri, "nbd+unix://") {
+		t.Fatalf("serve printed %q; stderr:\n%s", uri, stderr.String())
 	}
-	return ""
+	return uri
 }
 
 // mountNBD mounts an NBD export the way this machine can: nbdfuse turns it

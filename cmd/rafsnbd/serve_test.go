@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -53,9 +54,11 @@ func startServeIn(t *testing.T, bin, dir string, args ...string) (*exec.Cmd, str
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	line := make(chan string, 1)
-	go func() {
-		l, _ := bufio.NewReader(stdout).ReadString('\n')
+	go func() { // the first line is the first export's URI, once listening
+		br := bufio.NewReader(stdout)
+		l, _ := br.ReadString('\n')
 		line <- strings.TrimSpace(l)
+		io.Copy(io.Discard, br)
 	}()
 	select {
 	case uri := <-line:
