@@ -8,6 +8,7 @@ import (
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
+	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 	"github.com/rafsnbd/rafsnbd/verity"
@@ -102,7 +103,7 @@ func ExportBlock(ctx context.Context, bootstrap, localfsDir, output string, opts
 	defer img.Close()
 	var eo blockdev.ExportOptions
 	if opts.Verity {
-		p := blockdev.VerityParams(img.Composed, opts.Compat)
+		p := oci.VerityParams(img.Composed, opts.Compat)
 		eo.Verity = &p
 	}
 	return blockdev.Export(ctx, img, output, eo)

@@ -384,10 +384,10 @@ func (cv *converter) export(ctx context.Context, img *image, rec *ImageInfo, res
 		return nil
 	case ExportImage:
 		top := res.Layers[len(res.Layers)-1].DiffID
-		jobs = append(jobs, job{"image", res.Bootstrap, top, filepath.Join(res.BlobDir, blockdev.DiskName(hexOf(top), "image"))})
+		jobs = append(jobs, job{"image", res.Bootstrap, top, filepath.Join(res.BlobDir, DiskName(hexOf(top), "image"))})
 	case ExportLayer:
 		for _, l := range res.Layers {
-			jobs = append(jobs, job{"layer", l.Bootstrap, l.DiffID, filepath.Join(res.BlobDir, blockdev.DiskName(hexOf(l.DiffID), "layer"))})
+			jobs = append(jobs, job{"layer", l.Bootstrap, l.DiffID, filepath.Join(res.BlobDir, DiskName(hexOf(l.DiffID), "layer"))})
 		}
 	default:
 		return fmt.Errorf("oci: unknown export mode %v", cv.opts.Export)
@@ -441,7 +441,7 @@ func (cv *converter) exportDisk(ctx context.Context, kind, boot, diffID, path, m
 	}}
 	want := dev.Size()
 	if cv.opts.Verity {
-		p := blockdev.VerityParams(dev.Composed, cv.opts.VerityCompat)
+		p := VerityParams(dev.Composed, cv.opts.VerityCompat)
 		eo.Verity = &p
 		want = int64(p.HashOffset + p.TreeSize())
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
+	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
 
@@ -95,12 +96,12 @@ func runExport(ctx context.Context, c *cli.Command) error {
 		if c.Bool("layer") {
 			kind = "layer"
 		}
-		out = filepath.Join(c.String("blob-dir"), blockdev.DiskName(img.Rafs.Blobs[len(img.Rafs.Blobs)-1].ID(), kind))
+		out = filepath.Join(c.String("blob-dir"), oci.DiskName(img.Rafs.Blobs[len(img.Rafs.Blobs)-1].ID(), kind))
 	}
 
 	opts := blockdev.ExportOptions{NoSync: c.Bool("no-fsync")}
 	if c.Bool("verity") {
-		p := blockdev.VerityParams(img.Composed, compat)
+		p := oci.VerityParams(img.Composed, compat)
 		opts.Verity = &p
 	}
 	update, finish := newProgress(img.Size(), "export")
