@@ -35,6 +35,8 @@ else
   echo "SKIP readme-test: needs root (it mounts)"
 fi
 
+scripts/snapshotter-test.sh  # nydus-snapshotter's tarfs code over the nydus-image front end
+
 echo "== fuzz targets, short runs"
 FUZZTIME="${FUZZTIME:-15s}" scripts/fuzz.sh
 

@@ -91,9 +91,9 @@ func runNydusImage(ctx context.Context, c *cli.Command) error {
 }
 
 // nydusUsage is a command line nydus-image cannot run here: one line and
-// exit status 2.
+// exit status 2 (nydus-image --help lists what it can).
 func nydusUsage(format string, args ...any) error {
-	return cli.Exit(nydusImageName+": "+fmt.Sprintf(format, args...), exitUsage)
+	return &usageError{cmd: nydusImageName, err: fmt.Errorf(format, args...)}
 }
 
 // nydusParse parses a subcommand's flags; a flag outside spec or a
