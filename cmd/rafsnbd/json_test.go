@@ -117,3 +117,16 @@ func TestLogDurationsHaveUnits(t *testing.T) {
 		}
 	}
 }
+
+// --quiet drops log lines (and bars); the result still goes to stdout.
+func TestQuiet(t *testing.T) {
+	boot := testutil.NydusFixture(t, "rafs-v6-2.2.boot")
+	disk := filepath.Join(t.TempDir(), "x.disk")
+	code, stdout, stderr := runLine(t, "--quiet", "export", "-B", boot, "-D", filepath.Dir(boot), "-o", disk, "--verity")
+	if code != 0 || stderr != "" || !strings.HasPrefix(stdout, "dm-verity options: ") {
+		t.Errorf("export --quiet: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	if code, _, stderr = runLine(t, "export", "-B", boot, "-D", filepath.Dir(boot), "-o", disk, "--verity"); code != 0 || stderr == "" {
+		t.Errorf("without --quiet, export logged nothing (%q): the test proves nothing", stderr)
+	}
+}
