@@ -85,8 +85,9 @@ Typical flow:
 			if err != nil {
 				return ctx, usagef(c, "--log-level: %v", err)
 			}
-			if c.Bool("quiet") {
-				level, quietProgress = zerolog.ErrorLevel, true
+			quietProgress = c.Bool("quiet")
+			if quietProgress {
+				level = zerolog.ErrorLevel
 			}
 			// Durations print as durations with their unit ("9.8ms"), in
 			// text and JSON alike, instead of unit-less milliseconds.
