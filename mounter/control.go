@@ -251,6 +251,15 @@ func List(ctx context.Context, stateDir string, log *zerolog.Logger) ([]Status, 
 	return out, nil
 }
 
+// Keys of Stats.Extra that String shows: blob cache figures.
+const (
+	ExtraFetchedBytes  = "fetched_bytes"  // bytes received from the blobs' backend
+	ExtraFetchRequests = "fetch_requests" // backend requests
+	ExtraCachedBytes   = "cached_bytes"   // uncompressed bytes of cached chunks
+	ExtraCachedUnits   = "cached_chunks"  // chunks (cache units) cached
+	ExtraUnits         = "chunks"         // chunks of all blobs
+)
+
 // statsString is a one-line summary of a Stats, for tables.
 func (s *Stats) String() string {
 	if s == nil {
@@ -258,10 +267,14 @@ func (s *Stats) String() string {
 	}
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "%d reads, %d bytes, %d errors, p50 %dµs, p99 %dµs", s.Reads, s.BytesRead, s.ReadErrors, s.P50Micros, s.P99Micros)
-	for _, k := range []string{"cache_hits", "backend_bytes"} {
-		if v, ok := s.Extra[k]; ok {
-			fmt.Fprintf(&b, ", %s %d", strings.ReplaceAll(k, "_", " "), v)
-		}
+	if v, ok := s.Extra[ExtraFetchedBytes]; ok {
+		fmt.Fprintf(&b, ", fetched %d bytes in %d requests", v, s.Extra[ExtraFetchRequests])
+	}
+	if v, ok := s.Extra[ExtraCachedBytes]; ok {
+		fmt.Fprintf(&b, ", cached %d bytes (%d of %d chunks)", v, s.Extra[ExtraCachedUnits], s.Extra[ExtraUnits])
+	}
+	if n := s.CacheHits + s.CacheMisses; n > 0 {
+		fmt.Fprintf(&b, ", hit rate %.1f%%", 100*float64(s.CacheHits)/float64(n))
 	}
 	return b.String()
 }

@@ -2,6 +2,8 @@ package mounter
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -35,8 +37,11 @@ type Options struct {
 	// Image, CacheDir and RootHash are recorded for status.
 	Image, CacheDir, RootHash string
 	// Extra, if set, adds source figures (blob cache) to the stats.
-	Extra  func() map[string]int64
-	Logger *zerolog.Logger
+	Extra func() map[string]int64
+	// Fetches, if set, counts the source's backend requests (it only
+	// grows): a device read during which it grows is a cache miss.
+	Fetches func() int64
+	Logger  *zerolog.Logger
 	// Ready is called once: with nil when the filesystem is mounted, or
 	// with the error that stopped Serve before that.
 	Ready func(error)
@@ -129,7 +134,9 @@ func Serve(ctx context.Context, dev Device, o Options) (err error) {
 		if old.alive() {
 			return fmt.Errorf("%s is already mounted by rafsnbd (daemon pid %d): run 'rafsnbd umount %s' first", mnt, old.PID, mnt)
 		}
-		if transport == TransportNBD && old.Transport == TransportNBD && old.Device != "" {
+		if transport == TransportNBD && old.Transport == TransportNBD && old.Device != "" && old.BackendID == nbdBackendID(o.BackendID, mnt) {
+			// The same image on the same mountpoint: anything else would
+			// put other bytes under a mounted filesystem.
 			if src, _, ok := mountSource(mnt); ok && src == old.Device {
 				// A restarted daemon: hand the kernel's device new sockets
 				// under the same mount (the reads waiting on it carry on).
@@ -155,7 +162,7 @@ func Serve(ctx context.Context, dev Device, o Options) (err error) {
 func serveFUSE(ctx context.Context, dev Device, o Options, mnt string, readyCalled *bool) error {
 	log, stateDir := o.logger(), o.stateDir()
 	p := statePaths(stateDir, mnt)
-	cdev := newCounted(dev)
+	cdev := newCounted(dev, o.Fetches)
 	rec := &Record{
 		Mountpoint: mnt, Transport: TransportFUSE, State: StateStarting,
 		File: filepath.Join(p.fuseDir, fuseFileName), FuseDir: p.fuseDir, FuseConn: -1,
@@ -242,7 +249,6 @@ func finishMount(ctx context.Context, rec *Record, o Options, cdev *counted, p p
 	rec.PIDStart = processStart(rec.PID)
 	rec.State = StateMounted
 	rec.Socket = p.socket
-	rec.BackendID = o.BackendID
 	stop, err := serveStats(ctx, p.socket, func() Stats {
 		s := cdev.stats()
 		if o.Extra != nil {
@@ -265,15 +271,38 @@ func finishMount(ctx context.Context, rec *Record, o Options, cdev *counted, p p
 func serveNBD(ctx context.Context, dev Device, o Options, mnt string, old *Record, readyCalled *bool) error {
 	log, stateDir := o.logger(), o.stateDir()
 	p := statePaths(stateDir, mnt)
-	cdev := newCounted(dev)
+	cdev := newCounted(dev, o.Fetches)
+	backendID := nbdBackendID(o.BackendID, mnt)
+	rec := &Record{Mountpoint: mnt, Transport: TransportNBD, State: StateStarting, BackendID: backendID,
+		Image: o.Image, CacheDir: o.CacheDir, RootHash: o.RootHash, Log: p.log,
+		PID: os.Getpid(), PIDStart: processStart(os.Getpid())}
+	index := nbd.AnyDevice
+	if old != nil {
+		// Only the dead daemon's device: never another one that happens
+		// to carry the same identifier.
+		rec.Device = old.Device
+		var err error
+		if index, err = nbd.ParseDevice(old.Device); err != nil {
+			return err
+		}
+	}
+	// Written before the device is attached, so that whatever this
+	// process leaves behind if it dies is named by a record.
+	if err := writeRecord(stateDir, rec); err != nil {
+		return err
+	}
 	att, err := nbd.AttachKernel(ctx, cdev, nbd.KernelOptions{
-		Index:        nbd.AnyDevice,
-		BlockSize:    o.BlockSize,
-		BackendID:    o.BackendID,
-		Transmission: nbd.TransmissionOptions{Logger: log},
-		Logger:       log,
+		Index:           index,
+		BlockSize:       o.BlockSize,
+		DeadConnTimeout: NBDDeadConnTimeout,
+		BackendID:       backendID,
+		Transmission:    nbd.TransmissionOptions{Logger: log},
+		Logger:          log,
 	})
 	if err != nil {
+		if old == nil {
+			removeState(stateDir, mnt)
+		}
 		return err
 	}
 	detach := func() {
@@ -283,22 +312,28 @@ func serveNBD(ctx context.Context, dev Device, o Options, mnt string, old *Recor
 			log.Warn().Err(err).Str("device", att.Path).Msg("detach failed")
 		}
 	}
-	if old != nil && att.Path != old.Device {
+	if old != nil && !att.Reattached {
+		// A new device: the dead daemon's one was gone.
 		detach()
-		return fmt.Errorf("%s: the dead daemon's device %s was not found again (got %s)", mnt, old.Device, att.Path)
+		return fmt.Errorf("%s: the dead daemon's device %s was not found again: run 'rafsnbd umount %s', then mount again", mnt, old.Device, mnt)
+	}
+	rec.Device = att.Path
+	if err := writeRecord(stateDir, rec); err != nil {
+		detach()
+		return err
 	}
 	if old == nil {
 		if _, err := mountErofs(att.Path, mnt, false, false); err != nil {
 			detach()
+			removeState(stateDir, mnt)
 			return err
 		}
 	}
-	rec := &Record{Mountpoint: mnt, Transport: TransportNBD, Device: att.Path,
-		Image: o.Image, CacheDir: o.CacheDir, RootHash: o.RootHash, Log: p.log}
 	stopStats, err := finishMount(ctx, rec, o, cdev, p)
 	if err != nil {
 		_ = unmount(mnt, true)
 		detach()
+		removeState(stateDir, mnt)
 		return err
 	}
 	defer stopStats()
@@ -310,7 +345,10 @@ func serveNBD(ctx context.Context, dev Device, o Options, mnt string, old *Recor
 	select {
 	case <-ctx.Done():
 	case <-att.Done():
-		return fmt.Errorf("%s: the kernel ended the NBD session: %v", att.Path, att.Err())
+		// Disconnected from outside: the filesystem can only fail now.
+		_ = unmount(mnt, true)
+		_ = removeState(stateDir, mnt)
+		return fmt.Errorf("%s: the kernel ended the NBD session of %s: %v", mnt, att.Path, att.Err())
 	}
 	errUmount := unmount(mnt, true)
 	detach()
@@ -345,7 +383,7 @@ func release(stateDir string, r *Record, log *zerolog.Logger) error {
 			errs = append(errs, err)
 		}
 	}
-	if r.Transport == TransportNBD && r.Device != "" {
+	if r.Transport == TransportNBD && r.Device != "" && nbdDeviceIs(r.Device, r.BackendID) {
 		if idx, err := nbd.ParseDevice(r.Device); err == nil && idx != nbd.AnyDevice {
 			if err := nbd.DisconnectKernel(idx); err != nil {
 				log.Warn().Err(err).Str("device", r.Device).Msg("NBD disconnect")
@@ -356,6 +394,39 @@ func release(stateDir string, r *Record, log *zerolog.Logger) error {
 		return errors.Join(errs...)
 	}
 	return removeState(stateDir, r.Mountpoint)
+}
+
+// NBDDeadConnTimeout is how long reads of an NBD mount wait for a new
+// daemon ('rafsnbd mount' again) once the daemon died, before they fail
+// with EIO.
+const NBDDeadConnTimeout = 60 * time.Second
+
+// nbdBackendID tags a mount's NBD device with its image and mountpoint, so
+// that a restarted daemon finds its own device, and never the device of
+// the same image mounted elsewhere.
+func nbdBackendID(image, mnt string) string {
+	s := "rafsnbd:mount:" + id(mnt) + ":" + image
+	if len(s) > 512 {
+		sum := sha256.Sum256([]byte(image))
+		s = "rafsnbd:mount:" + id(mnt) + ":sha256:" + hex.EncodeToString(sum[:])
+	}
+	return s
+}
+
+// nbdDeviceIs reports whether the NBD device dev still carries backendID
+// (or is attached at all, for a record without one), so that release
+// never disconnects a device that someone else attached since.
+func nbdDeviceIs(dev, backendID string) bool {
+	list, err := nbd.KernelStatus()
+	if err != nil {
+		return false
+	}
+	for _, d := range list {
+		if d.Path == dev {
+			return d.Connected && (backendID == "" || d.BackendID == backendID)
+		}
+	}
+	return false
 }
 
 // ownedSource reports whether a mount's source is the one the record set

@@ -31,6 +31,11 @@ type Stats struct {
 	// bounds of power-of-two buckets).
 	P50Micros uint64 `json:"p50_us"`
 	P99Micros uint64 `json:"p99_us"`
+	// CacheHits and CacheMisses count device reads that did not, and
+	// did, overlap a backend request (Options.Fetches); with concurrent
+	// readers a hit may be counted as a miss, never the other way.
+	CacheHits   uint64 `json:"cache_hits,omitempty"`
+	CacheMisses uint64 `json:"cache_misses,omitempty"`
 	// Extra holds source-specific figures (blob cache hits and fetches).
 	Extra map[string]int64 `json:"extra,omitempty"`
 }
@@ -41,14 +46,17 @@ type counted struct {
 	dev     Device
 	ctxDev  contextReader
 	stall   bool
+	fetches func() int64
+	hits    atomic.Uint64
+	misses  atomic.Uint64
 	reads   atomic.Uint64
 	bytes   atomic.Uint64
 	errs    atomic.Uint64
 	latency [40]atomic.Uint64 // bucket i: under 2^i µs
 }
 
-func newCounted(dev Device) *counted {
-	c := &counted{dev: dev}
+func newCounted(dev Device, fetches func() int64) *counted {
+	c := &counted{dev: dev, fetches: fetches}
 	c.ctxDev, _ = dev.(contextReader)
 	if s, ok := dev.(interface{ MayStall() bool }); ok {
 		c.stall = s.MayStall()
@@ -65,6 +73,10 @@ func (c *counted) ReadAt(p []byte, off int64) (int, error) {
 
 func (c *counted) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
 	start := time.Now()
+	var before int64
+	if c.fetches != nil {
+		before = c.fetches()
+	}
 	var n int
 	var err error
 	if c.ctxDev != nil {
@@ -76,6 +88,13 @@ func (c *counted) ReadAtContext(ctx context.Context, p []byte, off int64) (int, 
 	c.latency[min(bits.Len64(us), len(c.latency)-1)].Add(1)
 	c.reads.Add(1)
 	c.bytes.Add(uint64(n))
+	if c.fetches != nil {
+		if c.fetches() == before {
+			c.hits.Add(1)
+		} else {
+			c.misses.Add(1)
+		}
+	}
 	if err != nil && n != len(p) {
 		c.errs.Add(1)
 	}
@@ -83,7 +102,8 @@ func (c *counted) ReadAtContext(ctx context.Context, p []byte, off int64) (int, 
 }
 
 func (c *counted) stats() Stats {
-	s := Stats{Reads: c.reads.Load(), BytesRead: c.bytes.Load(), ReadErrors: c.errs.Load()}
+	s := Stats{Reads: c.reads.Load(), BytesRead: c.bytes.Load(), ReadErrors: c.errs.Load(),
+		CacheHits: c.hits.Load(), CacheMisses: c.misses.Load()}
 	var counts [len(c.latency)]uint64
 	var total uint64
 	for i := range c.latency {

@@ -10,7 +10,10 @@ import (
 
 	"github.com/urfave/cli/v3"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/mounter"
+	"github.com/rafsnbd/rafsnbd/nbd"
 )
 
 func init() {
@@ -43,7 +46,7 @@ blobs or the cache). The root hash is shown by 'rafsnbd status'.`,
 				&cli.StringFlag{Name: "disk", Usage: "mount this flat disk `FILE` (an export, with or without its verity tree) instead of -B/-D"},
 				&cli.StringFlag{Name: "transport", Value: mounter.TransportAuto, Usage: "`HOW` the kernel reads the device: auto, nbd or fuse"},
 				&cli.BoolFlag{Name: "verity", Usage: "check every read against a dm-verity tree (EIO on a mismatch)"},
-				&cli.StringFlag{Name: "root-hash", Usage: "with --verity --disk: the tree's expected root hash `HEX`"},
+				&cli.StringFlag{Name: "root-hash", Usage: "with --verity --disk: the appended tree's expected root hash `HEX`; with --image: read it through its index and refuse another verity root"},
 				&cli.BoolFlag{Name: "foreground", Usage: "serve in this process instead of a background daemon"},
 				&cli.BoolFlag{Name: "loop", Hidden: true, Usage: "FUSE: mount through a loop device even where the file mounts directly"},
 				stateDirFlag(),
@@ -75,7 +78,15 @@ func runMount(ctx context.Context, c *cli.Command) error {
 	if c.NArg() != 1 {
 		return usagef(c, "give one MOUNTPOINT")
 	}
-	if err := checkImageFlags(c, true); err != nil {
+	if c.IsSet("disk") {
+		// A flat disk is served as it is: no image flag applies, and
+		// --root-hash is its appended tree's root, not an index's.
+		for _, f := range []string{"image", "bootstrap", "blob-dir", "registry", "backend", "insecure", "prefetch", "prefetch-all"} {
+			if c.IsSet(f) {
+				return usagef(c, "--disk is mounted as it is: drop --%s", f)
+			}
+		}
+	} else if err := checkImageFlags(c, true); err != nil {
 		return err
 	}
 	switch c.String("transport") {
@@ -89,8 +100,11 @@ func runMount(ctx context.Context, c *cli.Command) error {
 		if root, err = hex.DecodeString(c.String("root-hash")); err != nil || len(root) != 32 {
 			return usagef(c, "--root-hash %q: want 64 hex digits (sha256)", c.String("root-hash"))
 		}
-		if !c.Bool("verity") || !c.IsSet("disk") {
-			return usagef(c, "--root-hash goes with --verity --disk")
+		if c.IsSet("disk") && !c.Bool("verity") {
+			return usagef(c, "--root-hash with --disk is the root of its appended tree: give --verity too")
+		}
+		if !c.IsSet("disk") {
+			root = nil // --image's: the index's root, pinned by openRef
 		}
 	}
 	mountpoint := c.Args().First()
@@ -141,7 +155,10 @@ func serveMount(ctx context.Context, c *cli.Command, mountpoint string, root []b
 			root = dev.(interface{ RootHash() []byte }).RootHash()
 		}
 		rootHex = hex.EncodeToString(root)
+	} else if c.IsSet("root-hash") {
+		rootHex = c.String("root-hash") // --image's index root, which openRef pinned
 	}
+	extra, fetches := blobStats(src.device)
 	return mounter.Serve(ctx, dev, mounter.Options{
 		StateDir:   c.String("state-dir"),
 		Mountpoint: mountpoint,
@@ -152,6 +169,8 @@ func serveMount(ctx context.Context, c *cli.Command, mountpoint string, root []b
 		Image:      src.describe,
 		CacheDir:   c.String("cache-dir"),
 		RootHash:   rootHex,
+		Extra:      extra,
+		Fetches:    fetches,
 		Logger:     logger(ctx),
 		Ready:      notify,
 	})
@@ -203,4 +222,46 @@ func runStatus(ctx context.Context, c *cli.Command) error {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Mountpoint, s.Transport, dev, s.PID, state, s.Image, rootHash, stats)
 	}
 	return w.Flush()
+}
+
+// blobStats returns, for an image whose blobs come through the blob cache,
+// the sums of its blobs' counters for 'rafsnbd status' and the count of
+// their backend requests; nils for a flat disk.
+func blobStats(dev nbd.Device) (func() map[string]int64, func() int64) {
+	img, ok := dev.(*blockdev.Image)
+	if !ok {
+		return nil, nil
+	}
+	type statser interface{ Stats() blobcache.Stats }
+	var blobs []statser
+	for _, b := range img.Blobs {
+		if h, ok := b.(statser); ok {
+			blobs = append(blobs, h)
+		}
+	}
+	if len(blobs) == 0 {
+		return nil, nil
+	}
+	extra := func() map[string]int64 {
+		m := map[string]int64{}
+		for _, b := range blobs {
+			st := b.Stats()
+			m[mounter.ExtraFetchedBytes] += st.BackendBytes
+			m[mounter.ExtraFetchRequests] += st.BackendReads
+			m[mounter.ExtraCachedBytes] += st.ReadyBytes
+			m[mounter.ExtraCachedUnits] += st.ReadyUnits
+			m[mounter.ExtraUnits] += int64(st.Units)
+			m["fetch_errors"] += st.FetchErrors
+			m["digest_errors"] += st.DigestErrors
+		}
+		return m
+	}
+	fetches := func() int64 {
+		var n int64
+		for _, b := range blobs {
+			n += b.Stats().BackendReads
+		}
+		return n
+	}
+	return extra, fetches
 }

@@ -10,14 +10,53 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+
+	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testtree"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 	"github.com/rafsnbd/rafsnbd/internal/treecmp"
 )
+
+// mountBin is the binary the mount tests share (each go build costs
+// seconds on a loaded machine); TestMain removes it.
+var mountBin struct {
+	once      sync.Once
+	dir, path string
+	err       error
+	out       []byte
+}
+
+func mountBinary(t *testing.T) string {
+	t.Helper()
+	mountBin.once.Do(func() {
+		if mountBin.dir, mountBin.err = os.MkdirTemp("", "rafsnbd-mount-test-"); mountBin.err != nil {
+			return
+		}
+		mountBin.path = filepath.Join(mountBin.dir, "rafsnbd")
+		mountBin.out, mountBin.err = exec.Command("go", "build", "-o", mountBin.path, ".").CombinedOutput()
+	})
+	if mountBin.err != nil {
+		t.Fatalf("go build: %v\n%s", mountBin.err, mountBin.out)
+	}
+	return mountBin.path
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if mountBin.dir != "" {
+		os.RemoveAll(mountBin.dir)
+	}
+	os.Exit(code)
+}
 
 // mountEnv is one image built from testtree, mounted through the binary.
 type mountEnv struct {
@@ -33,7 +72,7 @@ func newMountEnv(t *testing.T) *mountEnv {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		testutil.Unavailable(t, "no /dev/fuse: %v", err)
 	}
-	e := &mountEnv{bin: buildBinary(t), work: t.TempDir()}
+	e := &mountEnv{bin: mountBinary(t), work: t.TempDir()}
 	e.state = filepath.Join(e.work, "state")
 	e.mnt = filepath.Join(e.work, "mnt")
 	e.src = filepath.Join(e.work, "src")
@@ -260,6 +299,89 @@ func TestMountVerityDiskFlippedByte(t *testing.T) {
 		checked++
 	}
 	t.Logf("%d other files read correctly", checked)
+	e.umount(t, r)
+}
+
+// A converted --image: an OCI layout converted into --cache-dir, mounted by
+// reference; the tree equals the image's filesystem as go-containerregistry
+// flattens it, extracted by tar.
+func TestMountConvertedImage(t *testing.T) {
+	e := newMountEnv(t)
+	img, err := random.Image(64<<10, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(e.work, "layout")
+	lp, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lp.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": "v1"})); err != nil {
+		t.Fatal(err)
+	}
+	cache := filepath.Join(e.work, "cache")
+	ref := "oci:" + dir + ":v1"
+	run(t, e.bin, "-q", "convert", ref, "--cache-dir", cache)
+	src := filepath.Join(e.work, "extracted")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tar := exec.Command("tar", "-C", src, "-xf", "-")
+	tar.Stdin = mutate.Extract(img)
+	if out, err := tar.CombinedOutput(); err != nil {
+		t.Fatalf("tar -x of the flattened image: %v\n%s", err, out)
+	}
+	want := scanNoDirMtime(t, src)
+
+	r := e.mount(t, "--image", ref, "--cache-dir", cache)
+	got := scanNoDirMtime(t, e.mnt)
+	if diffs := treecmp.Diff(want, got, treecmp.Options{}); len(diffs) > 0 {
+		t.Fatalf("mount --image differs from the image's filesystem in %d ways:\n%s", len(diffs), treecmp.Summary(diffs, 30))
+	}
+	t.Logf("mount --image: %d entries equal the image's filesystem", len(got))
+	e.umount(t, r)
+}
+
+// A lazily served image: -B with its blob in a registry on 127.0.0.1,
+// fetched into --cache-dir as it is read. The tree equals the source,
+// status shows what was fetched and cached, and umount leaves nothing.
+func TestMountRegistryLazy(t *testing.T) {
+	e := newMountEnv(t)
+	addr := testregistry.Start(t)
+	ents, err := os.ReadDir(filepath.Join(e.work, "blobs"))
+	if err != nil || len(ents) != 1 {
+		t.Fatalf("want one blob: %v %v", ents, err)
+	}
+	blob, err := os.ReadFile(filepath.Join(e.work, "blobs", ents[0].Name()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testregistry.PushBlob(t, addr, "mount/lazy", ents[0].Name(), blob)
+
+	r := e.mount(t, "-B", filepath.Join(e.work, "img.boot"), "--registry", addr+"/mount/lazy", "--insecure",
+		"--cache-dir", filepath.Join(e.work, "cache"))
+	requireTree(t, e.want, e.mnt, "lazy registry image")
+	var list []struct {
+		Stats struct {
+			CacheHits   uint64           `json:"cache_hits"`
+			CacheMisses uint64           `json:"cache_misses"`
+			Extra       map[string]int64 `json:"extra"`
+		} `json:"stats"`
+	}
+	out := run(t, e.bin, "status", "--json", "--state-dir", e.state)
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	st := list[0].Stats
+	if st.Extra["fetched_bytes"] <= 0 || st.Extra["fetched_bytes"] > int64(len(blob)) || st.Extra["cached_bytes"] <= 0 ||
+		st.Extra["cached_chunks"] <= 0 || st.Extra["chunks"] < st.Extra["cached_chunks"] || st.CacheMisses == 0 || st.CacheHits == 0 {
+		t.Errorf("status: blob cache figures missing or wrong for a %d-byte blob read whole: %s", len(blob), out)
+	}
+	text := run(t, e.bin, "status", "--state-dir", e.state)
+	if !strings.Contains(text, "fetched ") || !strings.Contains(text, "hit rate ") {
+		t.Errorf("status does not show the blob cache:\n%s", text)
+	}
+	t.Logf("status:\n%s", text)
 	e.umount(t, r)
 }
 
