@@ -60,8 +60,9 @@ start_lazy() { # cache-dir tag
     >"$W/serve$tag.out" 2>"$W/serve$tag.log" &
   serve_pid=$!
   pids+=($serve_pid)
-  for _ in $(seq 600); do [ -s "$W/serve$tag.out" ] && break; sleep 0.01; done
+  for _ in $(seq 6000); do [ -s "$W/serve$tag.out" ] && break; sleep 0.01; done
   uri=$(head -1 "$W/serve$tag.out")
+  [ -n "$uri" ] || { echo "serve printed no URI:" >&2; cat "$W/serve$tag.log" >&2; exit 1; }
   nbdfuse -r "$W/fuse/disk" "$uri" &
   pids+=($!)
   for _ in $(seq 600); do [ -e "$W/fuse/disk" ] && break; sleep 0.01; done
@@ -79,7 +80,7 @@ stop_lazy() { # tag
 
 # Pick a small file (metadata only: the bootstrap is local) in a warm-up run.
 start_lazy "$W/cache0" 0
-small=$(cd "$W/mnt0" && find . -type f -size -16k -size +0 | sort | head -1)
+small=$(cd "$W/mnt0" && find . -type f -size -16k -size +0 | sort | awk 'NR == 1')
 stop_lazy 0
 echo "small file: $small"
 
