@@ -7,7 +7,10 @@
 #   5. serve the image over NBD on a unix socket, composed on the fly from
 #      bootstrap + blob, and read it back with nbdinfo/nbdcopy,
 #   6. as root: mount it with the kernel (loop, read-only), list it, and also
-#      mount it through NBD (nbdfuse + loop), then clean everything up.
+#      mount it through NBD (nbdfuse + loop),
+#   7. as root: the same in one command, 'rafsnbd mount' (the kernel NBD
+#      driver where it is loaded, else FUSE), 'rafsnbd status', and
+#      'rafsnbd umount'; then clean everything up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,7 @@ W=$(mktemp -d /tmp/rafsnbd-example.XXXXXX)
 pids=(); loops=(); mounts=()
 cleanup() {
   set +e
+  [ -n "${RMNT:-}" ] && "$RAFSNBD" umount "$RMNT"
   for m in "${mounts[@]}"; do umount "$m"; done
   for l in "${loops[@]}"; do losetup -d "$l"; done
   [ -d "$W/fuse" ] && mountpoint -q "$W/fuse" && fusermount3 -u "$W/fuse"
@@ -70,3 +74,13 @@ for i in $(seq 100); do [ -s "$W/nbdfuse.pid" ] && break; sleep 0.1; done
 L=$(losetup -f --show -r "$W/fuse/disk"); loops+=("$L")
 mount -t erofs -o ro "$L" "$W/nbdmnt"; mounts=("$W/nbdmnt" "${mounts[@]}")
 diff -r --no-dereference "$SRC" "$W/nbdmnt" && echo "tree read through NBD equals the source"
+
+step "the same in one command: rafsnbd mount (NBD driver if loaded, else FUSE), status, umount"
+mkdir -p "$W/rmnt"
+"$RAFSNBD" mount -B "$W/image.boot" -D "$W/blobs" "$W/rmnt"; RMNT=$W/rmnt
+ls "$W/rmnt"
+diff -r --no-dereference "$SRC" "$W/rmnt" && echo "tree mounted by rafsnbd mount equals the source"
+"$RAFSNBD" status
+"$RAFSNBD" umount "$W/rmnt"; RMNT=
+mountpoint -q "$W/rmnt" || echo "rafsnbd umount: unmounted, daemon stopped, nothing left in 'rafsnbd status':"
+"$RAFSNBD" status

@@ -158,7 +158,7 @@ func serveMount(ctx context.Context, c *cli.Command, mountpoint string, root []b
 	} else if c.IsSet("root-hash") {
 		rootHex = c.String("root-hash") // --image's index root, which openRef pinned
 	}
-	extra, fetches := blobStats(src.device)
+	extra, fetches := blobStats(src.device, c.String("cache-dir") != "")
 	return mounter.Serve(ctx, dev, mounter.Options{
 		StateDir:   c.String("state-dir"),
 		Mountpoint: mountpoint,
@@ -226,8 +226,10 @@ func runStatus(ctx context.Context, c *cli.Command) error {
 
 // blobStats returns, for an image whose blobs come through the blob cache,
 // the sums of its blobs' counters for 'rafsnbd status' and the count of
-// their backend requests; nils for a flat disk.
-func blobStats(dev nbd.Device) (func() map[string]int64, func() int64) {
+// their backend requests; nils for a flat disk. Without a disk cache
+// (onDisk false) nothing is kept across reads but a bounded set of chunks
+// in memory: no cached figures then.
+func blobStats(dev nbd.Device, onDisk bool) (func() map[string]int64, func() int64) {
 	img, ok := dev.(*blockdev.Image)
 	if !ok {
 		return nil, nil
@@ -248,9 +250,11 @@ func blobStats(dev nbd.Device) (func() map[string]int64, func() int64) {
 			st := b.Stats()
 			m[mounter.ExtraFetchedBytes] += st.BackendBytes
 			m[mounter.ExtraFetchRequests] += st.BackendReads
-			m[mounter.ExtraCachedBytes] += st.ReadyBytes
-			m[mounter.ExtraCachedUnits] += st.ReadyUnits
-			m[mounter.ExtraUnits] += int64(st.Units)
+			if onDisk {
+				m[mounter.ExtraCachedBytes] += st.ReadyBytes
+				m[mounter.ExtraCachedUnits] += st.ReadyUnits
+				m[mounter.ExtraUnits] += int64(st.Units)
+			}
 			m["fetch_errors"] += st.FetchErrors
 			m["digest_errors"] += st.DigestErrors
 		}
