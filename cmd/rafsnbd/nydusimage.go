@@ -46,7 +46,12 @@ which the caller keeps as DIR/ID. export --verity prints the dm-verity options
 line first on stdout. Its tree is the one 'veritysetup format' writes (what
 'veritysetup verify' accepts); ` + nydusVerityCompatEnv + `=nydus in the environment
 writes nydus-image's bytes and root hash instead (the kernel accepts both).
-Anything else nydus-image does is refused with exit status 2.`
+Anything else nydus-image does is refused with exit status 2.
+
+Run it through a symlink named nydus-image ('make install' makes one; point
+nydus-snapshotter's nydus_image_path at it), or as:
+
+  rafsnbd nydus-image inspect -R blobs image.boot`
 
 func init() {
 	register(func() *cli.Command {
