@@ -49,7 +49,7 @@ writes nydus-image's bytes and root hash instead (the kernel accepts both).
 Anything else nydus-image does is refused with exit status 2.
 
 Run it through a symlink named nydus-image ('make install' makes one; point
-nydus-snapshotter's nydus_image_path at it), or as:
+nydus-snapshotter's [daemon] nydusimage_path at it), or as:
 
   rafsnbd nydus-image inspect -R blobs image.boot`
 
