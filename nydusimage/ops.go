@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"fmt"
 
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
@@ -98,7 +97,7 @@ type ExportOptions struct {
 func ExportBlock(ctx context.Context, bootstrap, localfsDir, output string, opts ExportOptions) (*blockdev.ExportResult, error) {
 	img, err := blockdev.Open(ctx, bootstrap, blockdev.LocalBlobs{Dir: localfsDir})
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", bootstrap, err)
+		return nil, err // names bootstrap
 	}
 	defer img.Close()
 	var eo blockdev.ExportOptions
