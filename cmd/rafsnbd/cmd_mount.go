@@ -35,7 +35,10 @@ status' lists mounts.
 module); else the device becomes one file on a FUSE mount under
 --state-dir, which EROFS mounts directly (kernel 6.12+) or through a loop
 device. A daemon killed under a FUSE mount leaves a filesystem whose reads
-fail (EIO); 'rafsnbd umount', or 'rafsnbd mount' again, cleans it up.
+fail (EIO); 'rafsnbd umount', or 'rafsnbd mount' again, cleans it up. Under
+an NBD mount reads wait (up to 60 s, then EIO) for 'rafsnbd mount' of the
+same image on the same MOUNTPOINT again, which hands the same device to a
+new daemon: the filesystem stays mounted.
 
 --verity checks every read against a dm-verity tree in userspace, so a
 changed byte reads as EIO: with --disk, the tree appended by 'rafsnbd export
