@@ -40,9 +40,6 @@ tarfs mode:
   nydus-image merge --bootstrap OUT LOWER.boot ... UPPER.boot
   nydus-image export --block --localfs-dir DIR --bootstrap FILE --output DISK [--verity]
 
-as the binary's symlink named nydus-image ('make install' makes it), or as
-  rafsnbd nydus-image inspect -R blobs image.boot
-
 create reads TAR (a file, a FIFO still being written, or - for stdin) as a
 stream, to its end, and writes only the bootstrap: the blob is the tar itself,
 which the caller keeps as DIR/ID. export --verity prints the dm-verity options
