@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -15,10 +16,12 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testtree"
@@ -302,12 +305,29 @@ func TestMountVerityDiskFlippedByte(t *testing.T) {
 	e.umount(t, r)
 }
 
-// A converted --image: an OCI layout converted into --cache-dir, mounted by
-// reference; the tree equals the image's filesystem as go-containerregistry
-// flattens it, extracted by tar.
+// A converted --image: an OCI layout (testtree's tree as a layer, random
+// layers above it) converted into --cache-dir, mounted by reference; the
+// tree equals the layers extracted by tar one over the other.
 func TestMountConvertedImage(t *testing.T) {
 	e := newMountEnv(t)
-	img, err := random.Image(64<<10, 3)
+	var tree bytes.Buffer
+	testtree.WriteTar(t, e.src, &tree)
+	base, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(tree.Bytes())), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := mutate.AppendLayers(empty.Image, base)
+	if err == nil {
+		var top v1.Image
+		if top, err = random.Image(64<<10, 2); err == nil {
+			var layers []v1.Layer
+			if layers, err = top.Layers(); err == nil {
+				img, err = mutate.AppendLayers(img, layers...)
+			}
+		}
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,10 +346,24 @@ func TestMountConvertedImage(t *testing.T) {
 	if err := os.Mkdir(src, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	tar := exec.Command("tar", "-C", src, "-xf", "-")
-	tar.Stdin = mutate.Extract(img)
-	if out, err := tar.CombinedOutput(); err != nil {
-		t.Fatalf("tar -x of the flattened image: %v\n%s", err, out)
+	// The layers in order: they hold no whiteouts, so extracting one over
+	// the other is the image's filesystem.
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range layers {
+		rc, err := l.Uncompressed()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tar := exec.Command("tar", "-C", src, "-xpf", "-", "--numeric-owner", "--xattrs", "--xattrs-include=*")
+		tar.Stdin = rc
+		out, err := tar.CombinedOutput()
+		rc.Close()
+		if err != nil {
+			t.Fatalf("tar -x of layer %d: %v\n%s", i, err, out)
+		}
 	}
 	want := scanNoDirMtime(t, src)
 
