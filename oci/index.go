@@ -9,10 +9,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -22,6 +22,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
@@ -51,6 +52,9 @@ type IndexOptions struct {
 	Span         int64         // checkpoint span (0: gzran.DefaultSpan)
 	VerityCompat verity.Compat // must match the convert --verity-compat it is compared with
 	TempDir      string        // for the tar header skeletons (default os.TempDir())
+	// Prefetch is stored in the index: what readers fetch first. Its
+	// files must exist in the image.
+	Prefetch *IndexPrefetch
 }
 
 // IndexConfig is the artifact's config blob: what the read side needs
@@ -60,7 +64,27 @@ type IndexConfig struct {
 	Span     int64        `json:"span"`
 	Verity   IndexVerity  `json:"verity"`
 	Layers   []IndexLayer `json:"layers"`
+	// Prefetch is what a reader of the image fetches first.
+	Prefetch *IndexPrefetch `json:"prefetch,omitempty"`
 }
+
+// IndexPrefetch says what to fetch first when the image is served
+// (index --prefetch-files and --prefetch-trace): files by path (every
+// regular file below a directory), and byte ranges of the merged device
+// that a recorded workload read.
+type IndexPrefetch struct {
+	Files  []string      `json:"files,omitempty"`
+	Ranges []DeviceRange `json:"ranges,omitempty"`
+}
+
+// DeviceRange is a byte range of the merged image device.
+type DeviceRange struct {
+	Off int64 `json:"off"`
+	Len int64 `json:"len"`
+}
+
+// empty reports whether p says nothing.
+func (p *IndexPrefetch) empty() bool { return p == nil || len(p.Files) == 0 && len(p.Ranges) == 0 }
 
 // IndexVerity describes the dm-verity tree of the merged image disk (the
 // disk convert --export image --verity writes). The artifact holds the
@@ -132,7 +156,11 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 	if span <= 0 {
 		span = gzran.DefaultSpan
 	}
-	if found, err := pub.find(ctx, img.manifestDigest, span, opts.VerityCompat.String()); err != nil {
+	if opts.Prefetch.empty() {
+		opts.Prefetch = nil
+	}
+	want := artifactKey{span: span, compat: opts.VerityCompat.String(), prefetch: prefetchKey(opts.Prefetch)}
+	if found, err := pub.find(ctx, img.manifestDigest, want); err != nil {
 		return nil, fmt.Errorf("oci: %s: looking for an index: %w", img.source, err)
 	} else if found != nil {
 		res.Reused, res.ArtifactDigest, res.RootHash, res.ArtifactSize = true, found.digest, found.root, found.size
@@ -144,16 +172,30 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 		return nil, fmt.Errorf("oci: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	cfg := IndexConfig{Manifest: img.manifestDigest.String(), Span: span}
+	var removals sync.WaitGroup
+	defer removals.Wait() // before RemoveAll
+	cfg := IndexConfig{Manifest: img.manifestDigest.String(), Span: span, Prefetch: opts.Prefetch}
 	var blobs []artifactBlob
-	leaves := make(map[string][]byte) // diff_id hex → digests of its 512-byte blocks
+	leaves := make(map[string][][]byte) // diff_id hex → digests of its 512-byte blocks, in chunks
 	boots := make([]string, len(img.layers))
 	names := make([]string, len(img.layers))
+	// Each layer's bootstrap is built (and its skeleton removed, which can
+	// take a while on a filesystem that discards freed blocks) while the
+	// next layer streams.
+	builds, bctx := errgroup.WithContext(ctx)
+	builds.SetLimit(1)
 	for i, l := range img.layers {
-		il, table, leaf, err := indexLayer(ctx, src, l, cfg.Span, tmp)
+		il, table, leaf, buildBoot, err := indexLayer(ctx, src, l, cfg.Span, tmp, &removals)
 		if err != nil {
+			builds.Wait()
 			return nil, fmt.Errorf("oci: layer %d (%s): %w", l.index, l.digest, err)
 		}
+		builds.Go(func() error {
+			if err := buildBoot(bctx); err != nil {
+				return fmt.Errorf("oci: layer %d (%s): %w", l.index, l.digest, err)
+			}
+			return nil
+		})
 		il.Table = -1
 		if table != nil {
 			il.Table = 2 + len(blobs) // after the bootstrap and the verity digests
@@ -164,8 +206,14 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 		boots[i] = filepath.Join(tmp, l.diffID.Hex+".boot")
 		names[i] = fmt.Sprintf("layer %d (%s)", i, l.digest)
 	}
+	if err := builds.Wait(); err != nil {
+		return nil, err
+	}
 	var merged bytes.Buffer
 	if _, err := build.MergeFiles(ctx, boots, &merged, build.MergeOptions{Names: names}); err != nil {
+		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
+	}
+	if err := checkPrefetchFiles(merged.Bytes(), opts.Prefetch); err != nil {
 		return nil, fmt.Errorf("oci: %s: %w", img.source, err)
 	}
 	vt, level1, err := mergedVerity(merged.Bytes(), leaves, opts.VerityCompat)
@@ -212,15 +260,54 @@ func zstdBytes(b []byte) ([]byte, error) {
 
 // indexLayer streams one layer: it checks the blob's digest and the tar's
 // diff_id, records gzip checkpoints, writes the tar's headers into a
-// sparse skeleton and builds the layer bootstrap (dir/<diffid>.boot) from
-// it, and returns the sha256 of every 512-byte block of the tar.
-func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (*IndexLayer, []byte, []byte, error) {
+// sparse skeleton, and returns the sha256 of every 512-byte block of the
+// tar (in chunks) and buildBoot, which builds the layer bootstrap
+// (dir/<diffid>.boot) from the skeleton and removes it in the background
+// (counted in removals); buildBoot must be called once when err is nil.
+func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string, removals *sync.WaitGroup) (_ *IndexLayer, _ []byte, _ [][]byte, buildBoot func(context.Context) error, err error) {
+	il, table, leaves, skel, err := streamLayer(ctx, src, l, span, dir)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	buildBoot = func(ctx context.Context) error {
+		// Freeing the skeleton's blocks is slow where the filesystem
+		// discards them (FromTar fsyncs the blob it places, so they are
+		// allocated); it runs beside the work that follows.
+		defer func() {
+			removals.Add(1)
+			go func() {
+				defer removals.Done()
+				skel.Close()
+				os.Remove(skel.Name())
+				os.Remove(filepath.Join(dir, "blobs", l.diffID.Hex)) // the skeleton, linked in
+			}()
+		}()
+		boot, err := os.Create(filepath.Join(dir, l.diffID.Hex+".boot"))
+		if err != nil {
+			return err
+		}
+		defer boot.Close()
+		bopts := build.DefaultOptions(filepath.Join(dir, "blobs"))
+		bopts.BlobID = l.diffID.Hex
+		if _, err := build.FromTar(ctx, skel, boot, bopts); err != nil {
+			return err
+		}
+		return boot.Close()
+	}
+	return il, table, leaves, buildBoot, nil
+}
+
+// streamLayer is indexLayer's pass over the layer's bytes. It returns the
+// skeleton, truncated to the tar's size, open.
+func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (_ *IndexLayer, _ []byte, _ [][]byte, _ *os.File, err error) {
 	rc, err := src.blob(ctx, l.digest)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	defer rc.Close()
-	dl := &downloadReader{r: ctxio.NewReader(ctx, rc), h: sha256.New(), limit: l.size}
+	blobHash := newPipedSHA256()
+	defer blobHash.close()
+	dl := &downloadReader{r: ctxio.NewReader(ctx, rc), h: blobHash, limit: l.size}
 	var (
 		stream io.Reader
 		gz     *gzran.Indexer
@@ -233,136 +320,128 @@ func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir st
 		stream = dl
 	case types.OCILayerZStd:
 		// TODO(issue 12): frame boundaries of multi-frame zstd layers.
-		return nil, nil, nil, errors.New("a zstd layer cannot be read lazily (only gzip and uncompressed layers can be indexed)")
+		return nil, nil, nil, nil, errors.New("a zstd layer cannot be read lazily (only gzip and uncompressed layers can be indexed)")
 	default:
-		return nil, nil, nil, fmt.Errorf("unsupported layer media type %q", l.mediaType)
+		return nil, nil, nil, nil, fmt.Errorf("unsupported layer media type %q", l.mediaType)
 	}
 	skel, err := os.CreateTemp(dir, "skeleton-")
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
-	defer func() { skel.Close(); os.Remove(skel.Name()) }()
-	ls := &layerStream{r: stream, h: sha256.New(), skel: skel}
+	defer func() {
+		if err != nil {
+			skel.Close()
+			os.Remove(skel.Name())
+		}
+	}()
+	diffHash, leaves := newPipedSHA256(), newLeafHasher()
+	defer func() { diffHash.close(); leaves.leaves() }()
+	ls := &layerStream{r: stream, h: diffHash, leaves: leaves, skel: skel}
 	tr := tar.NewReader(ls)
+	buf := make([]byte, 256<<10) // io.Copy to io.Discard would read 8 KiB at a time
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil && !errors.Is(err, tar.ErrInsecurePath) {
-			return nil, nil, nil, fmt.Errorf("tar: %w", err) // build.FromTar would refuse it too
+			return nil, nil, nil, nil, fmt.Errorf("tar: %w", err) // build.FromTar would refuse it too
 		}
 		if hdr.Typeflag == tar.TypeReg {
 			ls.data = true
-			_, err = io.Copy(io.Discard, tr)
+			err = discard(tr, buf)
 			ls.data = false
 			if err != nil {
-				return nil, nil, nil, err
+				return nil, nil, nil, nil, err
 			}
 		}
 	}
-	if _, err := io.Copy(io.Discard, ls); err != nil { // what follows the tar's end counts too
-		return nil, nil, nil, err
+	if err := discard(ls, buf); err != nil { // what follows the tar's end counts too
+		return nil, nil, nil, nil, err
 	}
 	if ls.err != nil {
-		return nil, nil, nil, ls.err
+		return nil, nil, nil, nil, ls.err
 	}
 	if extra, err := io.Copy(io.Discard, dl); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	} else if extra > 0 {
-		return nil, nil, nil, fmt.Errorf("%d bytes of garbage after the compressed stream", extra)
+		return nil, nil, nil, nil, fmt.Errorf("%d bytes of garbage after the compressed stream", extra)
 	}
 	if dl.n != l.size {
-		return nil, nil, nil, fmt.Errorf("the blob has %d bytes, its descriptor %d", dl.n, l.size)
+		return nil, nil, nil, nil, fmt.Errorf("the blob has %d bytes, its descriptor %d", dl.n, l.size)
 	}
 	if got := v1Hash(dl.h); got != l.digest.String() {
-		return nil, nil, nil, fmt.Errorf("content digest %s does not match the descriptor", got)
+		return nil, nil, nil, nil, fmt.Errorf("content digest %s does not match the descriptor", got)
 	}
-	if got := v1Hash(ls.h); got != l.diffID.String() {
-		return nil, nil, nil, fmt.Errorf("uncompressed content digest %s does not match the config's diff_id %s", got, l.diffID)
+	if got := v1Hash(diffHash); got != l.diffID.String() {
+		return nil, nil, nil, nil, fmt.Errorf("uncompressed content digest %s does not match the config's diff_id %s", got, l.diffID)
 	}
 	if err := skel.Truncate(ls.n); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
-	boot, err := os.Create(filepath.Join(dir, l.diffID.Hex+".boot"))
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	defer boot.Close()
-	bopts := build.DefaultOptions(filepath.Join(dir, "blobs"))
-	bopts.BlobID = l.diffID.Hex
-	if _, err := build.FromTar(ctx, skel, boot, bopts); err != nil {
-		return nil, nil, nil, err
-	}
-	os.Remove(filepath.Join(dir, "blobs", l.diffID.Hex)) // the skeleton, linked in
 	il := &IndexLayer{Digest: l.digest.String(), DiffID: l.diffID.String(), MediaType: string(l.mediaType),
 		Size: l.size, UncompressedSize: ls.n}
 	var table []byte
 	if gz != nil {
 		idx, err := gz.Index()
 		if err != nil {
-			return nil, nil, nil, err
+			return nil, nil, nil, nil, err
 		}
 		if table, err = idx.MarshalBinary(); err != nil {
-			return nil, nil, nil, err
+			return nil, nil, nil, nil, err
 		}
 	}
-	return il, table, ls.leaves, nil
+	return il, table, leaves.leaves(), skel, nil
+}
+
+// discard reads r to its end through buf.
+func discard(r io.Reader, buf []byte) error {
+	for {
+		_, err := r.Read(buf)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 // layerStream passes a layer's uncompressed bytes to the tar reader,
-// hashing them (diff_id, and sha256 of each 512-byte verity block) and
-// copying everything but regular files' data into the skeleton file at
-// its offset.
+// handing them to the hashes (diff_id, and sha256 of each 512-byte verity
+// block; each on its own goroutine) and copying everything but regular
+// files' data into the skeleton file at its offset.
 type layerStream struct {
-	r       io.Reader
-	h       hash.Hash
-	skel    *os.File
-	data    bool // inside a regular file's data: not copied
-	n       int64
-	partial []byte // an incomplete verity block
-	leaves  []byte
-	err     error
+	r      io.Reader
+	h      io.Writer
+	leaves io.Writer
+	skel   *os.File
+	data   bool // inside a regular file's data: not copied
+	n      int64
+	err    error
 }
 
 func (s *layerStream) Read(p []byte) (int, error) {
 	n, err := s.r.Read(p)
 	b := p[:n]
 	s.h.Write(b)
+	s.leaves.Write(b)
 	if !s.data && n > 0 && s.err == nil {
 		if _, werr := s.skel.WriteAt(b, s.n); werr != nil {
 			s.err = werr
 		}
 	}
 	s.n += int64(n)
-	if len(s.partial) > 0 {
-		c := min(len(b), verityDataBlockSize-len(s.partial))
-		s.partial = append(s.partial, b[:c]...)
-		b = b[c:]
-		if len(s.partial) == verityDataBlockSize {
-			s.leaf(s.partial)
-			s.partial = s.partial[:0]
-		}
-	}
-	for len(b) >= verityDataBlockSize {
-		s.leaf(b[:verityDataBlockSize])
-		b = b[verityDataBlockSize:]
-	}
-	s.partial = append(s.partial, b...)
 	return n, err
-}
-
-func (s *layerStream) leaf(block []byte) {
-	d := sha256.Sum256(block)
-	s.leaves = append(s.leaves, d[:]...)
 }
 
 // mergedVerity computes the verity tree of the merged image disk (the
 // bootstrap's blocks, then each layer tar at its mapped block address,
 // zeros between, as blockdev.Compose lays it out) from the layers' block
 // digests. It returns the tree's description and the digests of its
-// level-0 hash blocks.
-func mergedVerity(boot []byte, leaves map[string][]byte, compat verity.Compat) (*IndexVerity, []byte, error) {
+// level-0 hash blocks. The digests are packed into level-0 blocks as they
+// come: nothing the size of the disk's digests is built.
+func mergedVerity(boot []byte, leaves map[string][][]byte, compat verity.Compat) (*IndexVerity, []byte, error) {
 	ri, err := rafs.NewImage(bytes.NewReader(boot), int64(len(boot)))
 	if err != nil {
 		return nil, nil, err
@@ -371,12 +450,14 @@ func mergedVerity(boot []byte, leaves map[string][]byte, compat verity.Compat) (
 	if bs != verityDataBlockSize || uint64(len(boot))%bs != 0 {
 		return nil, nil, fmt.Errorf("merged bootstrap: %d-byte blocks, %d bytes: not a tarfs image", bs, len(boot))
 	}
-	zero := sha256.Sum256(make([]byte, verityDataBlockSize))
-	var digests []byte // of every data block of the disk
-	for off := 0; off < len(boot); off += verityDataBlockSize {
-		d := sha256.Sum256(boot[off : off+verityDataBlockSize])
-		digests = append(digests, d[:]...)
+	fill := make([]byte, sha256.Size)
+	if compat == verity.NydusCompat {
+		f := sha256.Sum256(make([]byte, 4096))
+		fill = f[:]
 	}
+	l0 := &level0Packer{fill: fill}
+	zero := sha256.Sum256(make([]byte, verityDataBlockSize))
+	l0.add(verity.SumBlocks(nil, boot, verityDataBlockSize))
 	end := uint64(len(boot)) / bs
 	for i := range ri.Blobs {
 		e := &ri.Blobs[i]
@@ -385,34 +466,70 @@ func mergedVerity(boot []byte, leaves map[string][]byte, compat verity.Compat) (
 			return nil, nil, fmt.Errorf("merged bootstrap: blob %d maps inside the previous range", i)
 		}
 		for ; end < addr; end++ {
-			digests = append(digests, zero[:]...)
+			l0.add(zero[:])
 		}
-		leaf, ok := leaves[e.ID()]
-		blocks := e.UncompressedSize / bs
-		if !ok || uint64(len(leaf)) < blocks*sha256.Size {
+		chunks, ok := leaves[e.ID()]
+		want := e.UncompressedSize / bs * sha256.Size
+		var have uint64
+		for _, c := range chunks {
+			have += uint64(len(c))
+		}
+		if !ok || have < want {
 			return nil, nil, fmt.Errorf("merged bootstrap: blob %d (%s) is not a layer of the image", i, e.ID())
 		}
-		digests = append(digests, leaf[:blocks*sha256.Size]...)
-		end += blocks
+		for _, c := range chunks {
+			c = c[:min(uint64(len(c)), want)]
+			l0.add(c)
+			want -= uint64(len(c))
+		}
+		end += e.UncompressedSize / bs
 	}
 	p := verity.NydusParams(end*bs, verityDataBlockSize)
 	p.Compat = compat
 	if err := p.Validate(); err != nil {
 		return nil, nil, err
 	}
-	fill := make([]byte, sha256.Size)
-	if compat == verity.NydusCompat {
-		f := sha256.Sum256(make([]byte, 4096))
-		fill = f[:]
-	}
-	level0 := hashBlocks(digests, fill)
-	var level1 []byte
-	for _, b := range level0 {
-		d := sha256.Sum256(b)
-		level1 = append(level1, d[:]...)
-	}
+	level1 := l0.finish()
 	root := rootOf(level1, fill)
 	return &IndexVerity{RootHash: hex.EncodeToString(root), Compat: compat.String(), DataBlocks: p.DataBlocks, HashOffset: p.HashOffset}, level1, nil
+}
+
+// level0Packer packs data-block digests into level-0 hash blocks (as
+// hashBlocks does) as they come and keeps only each block's digest.
+type level0Packer struct {
+	fill   []byte
+	block  [verityHashBlockSize]byte
+	used   int
+	level1 []byte
+}
+
+func (p *level0Packer) add(digests []byte) {
+	per := verityHashBlockSize / len(p.fill) * len(p.fill)
+	for len(digests) > 0 {
+		c := copy(p.block[p.used:per], digests)
+		p.used += c
+		digests = digests[c:]
+		if p.used == per {
+			p.flush()
+		}
+	}
+}
+
+func (p *level0Packer) flush() {
+	for n := p.used; n+len(p.fill) <= len(p.block); n += len(p.fill) {
+		copy(p.block[n:], p.fill)
+	}
+	d := sha256.Sum256(p.block[:])
+	p.level1 = append(p.level1, d[:]...)
+	p.used = 0
+}
+
+// finish packs the last partial block and returns the level-1 digests.
+func (p *level0Packer) finish() []byte {
+	if p.used > 0 {
+		p.flush()
+	}
+	return p.level1
 }
 
 // hashBlocks packs digests into hash blocks, filling unused slots.
@@ -448,8 +565,42 @@ func rootOf(digests, fill []byte) []byte {
 	}
 }
 
+// checkPrefetchFiles checks that the prefetch list's files are in the
+// merged image, so that a typo is an error of index, not of every serve.
+func checkPrefetchFiles(boot []byte, p *IndexPrefetch) error {
+	if p == nil || len(p.Files) == 0 {
+		return nil
+	}
+	ri, err := rafs.NewImage(bytes.NewReader(boot), int64(len(boot)))
+	if err != nil {
+		return err
+	}
+	defer ri.Close()
+	for _, f := range p.Files {
+		if _, err := ri.Lookup(f); err != nil {
+			return fmt.Errorf("prefetch file %q: %w", f, err)
+		}
+	}
+	return nil
+}
+
 // ---------------------------------------------------------------------------
 // Publishing
+
+// artifactKey is what makes two indexes of one image the same.
+type artifactKey struct {
+	span     int64
+	compat   string
+	prefetch string
+}
+
+func prefetchKey(p *IndexPrefetch) string {
+	if p.empty() {
+		return ""
+	}
+	b, _ := json.Marshal(p)
+	return string(b)
+}
 
 type artifactBlob struct {
 	mt   string
@@ -462,9 +613,9 @@ type foundArtifact struct {
 }
 
 type publisher interface {
-	// find returns the artifact for subject made with the same span and
-	// verity compat, or nil.
-	find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error)
+	// find returns the artifact for subject made with the same span,
+	// verity compat and prefetch list, or nil.
+	find(ctx context.Context, subject v1.Hash, want artifactKey) (*foundArtifact, error)
 	publish(ctx context.Context, subject v1.Descriptor, config []byte, blobs []artifactBlob) (*foundArtifact, error)
 }
 
@@ -512,7 +663,7 @@ type registryPublisher struct {
 	opts []remote.Option
 }
 
-func (p *registryPublisher) find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error) {
+func (p *registryPublisher) find(ctx context.Context, subject v1.Hash, want artifactKey) (*foundArtifact, error) {
 	opts := append([]remote.Option{remote.WithContext(ctx), remote.WithFilter("artifactType", IndexArtifactType)}, p.opts...)
 	idx, err := remote.Referrers(p.repo.Digest(subject.String()), opts...)
 	if err != nil {
@@ -534,7 +685,7 @@ func (p *registryPublisher) find(ctx context.Context, subject v1.Hash, span int6
 		if err != nil {
 			return nil, err
 		}
-		if cfg.Span == span && cfg.Verity.Compat == compat {
+		if (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) == want {
 			return found, nil
 		}
 	}
@@ -588,7 +739,7 @@ func (p *registryPublisher) publish(ctx context.Context, subject v1.Descriptor, 
 
 type layoutPublisher struct{ dir string }
 
-func (p *layoutPublisher) find(ctx context.Context, subject v1.Hash, span int64, compat string) (*foundArtifact, error) {
+func (p *layoutPublisher) find(ctx context.Context, subject v1.Hash, want artifactKey) (*foundArtifact, error) {
 	lp, err := layout.FromPath(p.dir)
 	if err != nil {
 		return nil, err
@@ -613,7 +764,7 @@ func (p *layoutPublisher) find(ctx context.Context, subject v1.Hash, span int64,
 		if err != nil {
 			return nil, err
 		}
-		if cfg.Span == span && cfg.Verity.Compat == compat {
+		if (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) == want {
 			return found, nil
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
+	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/verity"
@@ -40,6 +42,10 @@ type OpenIndexOptions struct {
 	// RootHash, hex, pins the verity root the index must have; an index
 	// with another root is refused.
 	RootHash string
+	// CacheDir, when set, keeps the artifact's manifest and blobs (content
+	// addressed, checked on every read) so that a restart does not fetch
+	// them again; see IndexArtifactCacheDir.
+	CacheDir string
 	// UnitSize is the cache unit of the layers: a power of two from 64 KiB
 	// to 16 MiB (0: 64 KiB, one verity group, so a cold read fetches no
 	// more than the checkpoint spans of that group).
@@ -64,6 +70,11 @@ type IndexedImage struct {
 	Verity    *blobcache.DeviceVerity
 	// Layers are the image's layers, in order, as the index has them.
 	Layers []IndexLayer
+	// Prefetch is what the index says to fetch first.
+	Prefetch IndexPrefetch
+	// ArtifactFetched is the bytes of the index artifact downloaded (0
+	// when all of it came from OpenIndexOptions.CacheDir).
+	ArtifactFetched int64
 	stats  func() registry.Stats
 }
 
@@ -121,8 +132,12 @@ func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*Index
 		return nil, fmt.Errorf("oci: %s: not converted, and no index of it (%s) was found: run rafsnbd index %s", img.source, img.manifestDigest, ref)
 	}
 	var errs []string
+	fetcher := &artifactFetcher{src: src}
+	if opts.CacheDir != "" {
+		fetcher.dir = IndexArtifactCacheDir(opts.CacheDir)
+	}
 	for _, d := range cands {
-		a, err := loadArtifact(ctx, src, img, d)
+		a, err := loadArtifact(ctx, fetcher, img, d)
 		if err != nil {
 			errs = append(errs, fmt.Sprintf("%s: %v", d, err))
 			continue
@@ -136,6 +151,7 @@ func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*Index
 			errs = append(errs, fmt.Sprintf("%s: %v", d, err))
 			continue
 		}
+		ii.ArtifactFetched = fetcher.fetched
 		return ii, nil
 	}
 	want := ""
@@ -204,6 +220,81 @@ type artifact struct {
 	root      string
 }
 
+// IndexArtifactCacheDir is where OpenIndexed keeps index artifacts under
+// a cache directory: one file per manifest or blob, named by its sha256.
+func IndexArtifactCacheDir(cacheRoot string) string {
+	return filepath.Join(cacheRoot, "index-artifacts", "sha256")
+}
+
+// artifactFetcher reads an artifact's manifest and blobs from the cache
+// directory when they are there (and whole: their digest is checked),
+// else from the source, keeping a copy.
+type artifactFetcher struct {
+	src     source
+	dir     string // IndexArtifactCacheDir, or "" for no cache
+	fetched int64
+}
+
+// cached returns the cached bytes of d, or nil.
+func (f *artifactFetcher) cached(d v1.Hash, limit int64) []byte {
+	if f.dir == "" || d.Algorithm != "sha256" {
+		return nil
+	}
+	file, err := os.Open(filepath.Join(f.dir, d.Hex))
+	if err != nil {
+		return nil
+	}
+	defer file.Close()
+	b, err := readLimited(file, limit)
+	if err != nil || sha256Hash(b) != d {
+		return nil // damaged or foreign: fetched again and replaced
+	}
+	return b
+}
+
+// keep stores b, whose digest was checked, as d (failures only cost a
+// download next time).
+func (f *artifactFetcher) keep(d v1.Hash, b []byte) {
+	if f.dir == "" || d.Algorithm != "sha256" {
+		return
+	}
+	if err := os.MkdirAll(f.dir, 0o750); err == nil {
+		_ = atomicfile.WriteFile(filepath.Join(f.dir, d.Hex), b, 0o640)
+	}
+}
+
+func (f *artifactFetcher) manifest(ctx context.Context, d v1.Hash) ([]byte, error) {
+	if b := f.cached(d, DefaultMaxManifestSize); b != nil {
+		return b, nil
+	}
+	raw, _, err := f.src.manifest(ctx, d, DefaultMaxManifestSize)
+	if err != nil {
+		return nil, err
+	}
+	f.fetched += int64(len(raw))
+	if got := sha256Hash(raw); got != d {
+		return nil, fmt.Errorf("manifest content has digest %s", got)
+	}
+	f.keep(d, raw)
+	return raw, nil
+}
+
+// blob reads a blob of at most limit bytes and checks its digest.
+func (f *artifactFetcher) blob(ctx context.Context, d v1.Descriptor, limit int64) ([]byte, error) {
+	if d.Size >= 0 && d.Size <= limit {
+		if b := f.cached(d.Digest, d.Size); b != nil && int64(len(b)) == d.Size {
+			return b, nil
+		}
+	}
+	b, err := fetchBlob(ctx, f.src, d, limit)
+	if err != nil {
+		return nil, err
+	}
+	f.fetched += int64(len(b))
+	f.keep(d.Digest, b)
+	return b, nil
+}
+
 // fetchBlob reads a blob of at most limit bytes and checks its digest.
 func fetchBlob(ctx context.Context, src source, d v1.Descriptor, limit int64) ([]byte, error) {
 	if d.Size < 0 || d.Size > limit {
@@ -224,13 +315,10 @@ func fetchBlob(ctx context.Context, src source, d v1.Descriptor, limit int64) ([
 	return b, nil
 }
 
-func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*artifact, error) {
-	raw, _, err := src.manifest(ctx, d, DefaultMaxManifestSize)
+func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Hash) (*artifact, error) {
+	raw, err := src.manifest(ctx, d)
 	if err != nil {
 		return nil, err
-	}
-	if got := sha256Hash(raw); got != d {
-		return nil, fmt.Errorf("manifest content has digest %s", got)
 	}
 	var m struct {
 		v1.Manifest
@@ -245,7 +333,7 @@ func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*arti
 		return nil, errors.New("not an index artifact of this image")
 	}
 	a := &artifact{digest: d, tables: map[int][]byte{}}
-	rawCfg, err := fetchBlob(ctx, src, m.Config, maxIndexConfig)
+	rawCfg, err := src.blob(ctx, m.Config, maxIndexConfig)
 	if err != nil {
 		return nil, err
 	}
@@ -255,7 +343,7 @@ func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*arti
 	if a.cfg.Manifest != img.manifestDigest.String() {
 		return nil, fmt.Errorf("config names manifest %s", a.cfg.Manifest)
 	}
-	zboot, err := fetchBlob(ctx, src, m.Layers[0], maxIndexBlob)
+	zboot, err := src.blob(ctx, m.Layers[0], maxIndexBlob)
 	if err != nil {
 		return nil, err
 	}
@@ -268,7 +356,7 @@ func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*arti
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: %w", err)
 	}
-	if a.level1, err = fetchBlob(ctx, src, m.Layers[1], maxIndexBlob); err != nil {
+	if a.level1, err = src.blob(ctx, m.Layers[1], maxIndexBlob); err != nil {
 		return nil, err
 	}
 	fill := make([]byte, sha256.Size)
@@ -302,7 +390,7 @@ func loadArtifact(ctx context.Context, src source, img *image, d v1.Hash) (*arti
 		if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexGzipTableType {
 			return nil, fmt.Errorf("layer %d: checkpoint table %d is not in the artifact", i, l.Table)
 		}
-		if a.tables[l.Table], err = fetchBlob(ctx, src, m.Layers[l.Table], maxIndexBlob); err != nil {
+		if a.tables[l.Table], err = src.blob(ctx, m.Layers[l.Table], maxIndexBlob); err != nil {
 			return nil, err
 		}
 	}
@@ -322,6 +410,9 @@ func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIn
 	var raws blobcache.Store
 	ii := &IndexedImage{Ref: img.source, ManifestDigest: img.manifestDigest.String(), ArtifactDigest: a.digest.String(),
 		RootHash: a.root, Bootstrap: a.bootstrap, Layers: a.cfg.Layers}
+	if a.cfg.Prefetch != nil {
+		ii.Prefetch = *a.cfg.Prefetch
+	}
 	switch s := src.(type) {
 	case *registrySource:
 		rs, err := registry.New(s.ref.Context().String(), registry.Options{Insecure: opts.Insecure, Keychain: opts.Keychain})
