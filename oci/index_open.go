@@ -75,7 +75,7 @@ type IndexedImage struct {
 	// ArtifactFetched is the bytes of the index artifact downloaded (0
 	// when all of it came from OpenIndexOptions.CacheDir).
 	ArtifactFetched int64
-	stats  func() registry.Stats
+	stats           func() registry.Stats
 }
 
 // Store is the blob store the composed device reads layers from.
