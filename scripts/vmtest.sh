@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# vmtest.sh: prove rafsnbd's kernel NBD attach against a real Linux kernel.
+# vmtest.sh: prove rafsnbd's kernel NBD attach, and 'rafsnbd mount' over it
+# (transport auto, daemon restart, umount), against a real Linux kernel.
 #
 # The host may have no nbd module and no KVM, so this boots a Debian
 # bookworm-backports kernel under qemu (TCG) with a busybox initramfs that
@@ -37,7 +38,7 @@ for arg in "$@"; do
 	case $arg in
 	--setup-only) SETUP_ONLY=1 ;;
 	--keep) KEEP=1 ;;
-	-h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,28p' "$0"; exit 0 ;;
 	*) echo "vmtest: unknown argument $arg" >&2; exit 2 ;;
 	esac
 done
