@@ -210,6 +210,14 @@ func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, e
 		}
 		logger(ctx).Debug().Err(err).Str("image", ref).Msg("not converted; looking for its index")
 	}
+	if pin == "" {
+		// A nydus image (issue 14) carries its own bootstrap; any other
+		// image is read through its index.
+		img, err := o.openNydusRef(ref, withPrefetch)
+		if !errors.Is(err, oci.ErrNotNydus) {
+			return img, err
+		}
+	}
 	ii, err := oci.OpenIndexed(ctx, ref, oci.OpenIndexOptions{Insecure: c.Bool("insecure"), RootHash: pin})
 	if err != nil {
 		return nil, err
