@@ -18,7 +18,7 @@ func init() {
 		return &cli.Command{
 			Name:      "convert",
 			Usage:     "pull an OCI/Docker image and convert it to a RAFS v6 tarfs image (nydus-snapshotter's tarfs flow)",
-			ArgsUsage: "REF",
+			ArgsUsage: "REF  |  --format nydus SRC DST",
 			Description: `Pulls every layer of the image REF whole, checks its digest, decompresses it
 (gzip, zstd or none, by media type) into an uncompressed tar whose sha256 must
 be the config's diff_id, indexes the tar as a tarfs layer bootstrap (the tar
@@ -54,7 +54,17 @@ layer. Mount one directly:
 
 With --verity each disk gets a dm-verity tree (512-byte data blocks, as
 nydus) and the 'dm-verity options: ...' line nydus-image prints is printed.
-Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
+Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.
+
+--format nydus SRC DST writes a nydus image to DST (a registry reference or
+oci:DIR[:TAG]), as nydusify does: each layer becomes a RAFS v6 blob of
+chunks (zstd, 1 MiB, chunks already in a lower layer not stored again), the
+merged bootstrap is the last layer (image/image.boot in a gzip tar), and an
+index entry carries os.feature nydus.remoteimage.v1. Any node then serves
+it lazily with 'rafsnbd serve --image DST':
+
+  rafsnbd convert --format nydus --cache-dir cache --insecure \
+      127.0.0.1:5000/app:v1 127.0.0.1:5000/app:v1-nydus`,
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "cache-dir", Required: true, Sources: cli.EnvVars("RAFSNBD_CACHE_DIR"), Usage: "`DIR` holding tars, bootstraps and disks (created 0750)"},
 				&cli.StringFlag{Name: "export", Value: "none", Usage: "`MODE` of disk export: none, layer or image"},
@@ -65,6 +75,9 @@ Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
 				durationFlag("stall-timeout", oci.DefaultStallTimeout, "a request that waits `DURATION` for the registry's next bytes is retried (resuming where it stopped), up to 4 times, then fails; 0 waits for ever"),
 				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
 				&cli.BoolFlag{Name: "json", Usage: "print the result (layers, phase timings in ns, disks) as JSON"},
+				&cli.StringFlag{Name: "format", Value: "tarfs", Usage: "`FORMAT` of the result: tarfs (into --cache-dir) or nydus (pushed to DST)"},
+				&cli.StringFlag{Name: "prefetch-files", Usage: "with --format nydus: `FILE` listing paths of the image, one a line, for the bootstrap's prefetch table"},
+				&cli.StringFlag{Name: "compressor", Value: "zstd", Usage: "with --format nydus: chunk `COMPRESSOR`: zstd, lz4_block or none"},
 			},
 			Action: runConvert,
 		}
@@ -73,6 +86,18 @@ Serve a converted image with 'rafsnbd serve|nbd --image REF --cache-dir DIR'.`,
 
 func runConvert(ctx context.Context, c *cli.Command) error {
 	log := logger(ctx)
+	switch f := c.String("format"); f {
+	case "nydus":
+		return runConvertNydus(ctx, c)
+	case "tarfs":
+	default:
+		return usagef(c, "--format %q: want tarfs or nydus", f)
+	}
+	for _, n := range []string{"prefetch-files", "compressor"} {
+		if c.IsSet(n) {
+			return usagef(c, "--%s needs --format nydus", n)
+		}
+	}
 	if c.NArg() != 1 {
 		return usagef(c, "want one image reference, got %d arguments", c.NArg())
 	}

@@ -50,6 +50,10 @@ type blobWriter struct {
 	uoff  uint64 // next uncompressed offset (4 KiB aligned)
 	seen  map[[32]byte]uint32
 	infos []rafs.ChunkInfo // the blob's distinct chunks, in ci order
+	// prior holds the chunks of earlier layers' blobs (LayerBuilder):
+	// a chunk found there is referenced, not stored again. This blob is
+	// then blob index len(prior.blobs) of the layer's bootstrap.
+	prior *priorChunks
 }
 
 // writeDirBlob chunks the regular files (each visited once, in order),
@@ -65,10 +69,11 @@ func writeDirBlob(ctx context.Context, files []*inode, opts *Options) (*rafs.Blo
 		return nil, nil, nil, fmt.Errorf("build: %w", err)
 	}
 	bw := &blobWriter{
-		opts: opts,
-		f:    f,
-		sum:  sha256.New(),
-		seen: make(map[[32]byte]uint32),
+		opts:  opts,
+		f:     f,
+		sum:   sha256.New(),
+		seen:  make(map[[32]byte]uint32),
+		prior: opts.prior,
 	}
 	bw.w = bufio.NewWriterSize(io.MultiWriter(f, bw.sum), 1<<20)
 	info, blob, err := bw.run(ctx, files)
@@ -142,11 +147,17 @@ func (bw *blobWriter) run(ctx context.Context, files []*inode) (*rafs.BlobInfo, 
 // readChunks cuts one file into jobs, handing each to the workers and, in
 // order, to the collector.
 func readChunks(ctx context.Context, in *inode, chunkSize int, bufs *sync.Pool, work, ordered chan<- *chunkJob) error {
-	f, err := os.Open(in.srcPath)
-	if err != nil {
-		return fmt.Errorf("build: %w", err)
+	var f io.Reader
+	if in.tar != nil {
+		f = io.NewSectionReader(in.tar, in.dataOff, int64(in.meta.Size))
+	} else {
+		osf, err := os.Open(in.srcPath)
+		if err != nil {
+			return fmt.Errorf("build: %w", err)
+		}
+		defer osf.Close()
+		f = osf
 	}
-	defer f.Close()
 	size := in.meta.Size
 	for k := 0; uint64(k)*uint64(chunkSize) < size; k++ {
 		n := int(min(uint64(chunkSize), size-uint64(k)*uint64(chunkSize)))
@@ -194,6 +205,12 @@ func (bw *blobWriter) process(job *chunkJob, pbufs *sync.Pool) {
 // identical chunk is already there.
 func (bw *blobWriter) add(job *chunkJob) error {
 	ci, ok := bw.seen[job.digest]
+	if !ok && bw.prior != nil {
+		if pc, found := bw.prior.chunks[job.digest]; found {
+			job.file.meta.Chunks = append(job.file.meta.Chunks, rafs.NewChunkIndex(pc.blob, pc.ci, uint32(pc.uoff>>rafs.BlockSizeBitsDefault)))
+			return nil
+		}
+	}
 	if !ok {
 		if len(bw.infos) > rafs.MaxCIIndex {
 			return fmt.Errorf("build: more than 2^24 distinct chunks in one blob")
@@ -224,7 +241,7 @@ func (bw *blobWriter) add(job *chunkJob) error {
 		bw.uoff = roundUp(bw.uoff+uint64(len(job.data)), 4096)
 	}
 	blk := bw.infos[ci].UncompressedOffset >> rafs.BlockSizeBitsDefault
-	job.file.meta.Chunks = append(job.file.meta.Chunks, rafs.NewChunkIndex(0, ci, uint32(blk))) // the image's only blob
+	job.file.meta.Chunks = append(job.file.meta.Chunks, rafs.NewChunkIndex(bw.prior.ownIndex(), ci, uint32(blk)))
 	return nil
 }
 

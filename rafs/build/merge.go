@@ -37,6 +37,10 @@ type MergeOptions struct {
 	// Names label the layers in error messages (their digests, say);
 	// layer i is called "layer i" when Names has no entry for it.
 	Names []string
+	// Prefetch names files of the merged image (absolute paths) whose
+	// inodes fill the bootstrap's prefetch table, in order; a path that
+	// is not in the image is an error.
+	Prefetch []string
 }
 
 func (o *MergeOptions) name(i int) string {
@@ -150,6 +154,23 @@ func Merge(ctx context.Context, layers []*rafs.Image, out io.Writer, opts MergeO
 	}
 
 	root := m.root.toNode("")
+	for _, p := range opts.Prefetch {
+		n := root
+		for _, e := range strings.Split(strings.Trim(path.Clean("/"+p), "/"), "/") {
+			if e == "" {
+				break
+			}
+			i := slices.IndexFunc(n.Children, func(c *rafs.Node) bool { return c.Name == e })
+			if i < 0 {
+				return nil, fmt.Errorf("build: merge: prefetch path %q is not in the image", p)
+			}
+			n = n.Children[i]
+		}
+		if n.Link != nil {
+			n = n.Link
+		}
+		wopts.Prefetch = append(wopts.Prefetch, n)
+	}
 	wres, err := rafs.WriteBootstrap(out, root, m.blobs, wopts)
 	if err != nil {
 		return nil, fmt.Errorf("build: merge: %w", err)

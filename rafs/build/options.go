@@ -85,6 +85,8 @@ type Options struct {
 	// any spelling of a path works; one that does not exist when the
 	// build starts is ignored. BlobDir is always left out.
 	Exclude []string
+
+	prior *priorChunks // set by LayerBuilder only
 }
 
 // DefaultOptions returns zstd, blake3 and 1 MiB chunks, as nydus-image

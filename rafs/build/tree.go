@@ -2,6 +2,7 @@ package build
 
 import (
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 
@@ -18,6 +19,9 @@ type inode struct {
 	// an offset in the tar (tarfs mode).
 	srcPath string
 	dataOff int64
+	// tar, when set, holds a directory-mode file's data at dataOff
+	// (LayerBuilder); srcPath then only names it in errors.
+	tar io.ReaderAt
 }
 
 func (i *inode) isDir() bool { return i.meta.Mode&rafs.ModeTypeMask == rafs.ModeDir }
