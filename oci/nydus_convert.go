@@ -19,8 +19,9 @@ import (
 // registry access) is Convert's.
 type NydusConvertOptions struct {
 	Options
-	// Compressor compresses the chunks (default zstd, as nydus-image).
-	Compressor rafs.Compressor
+	// Compressor compresses the chunks: "zstd" (the default, as
+	// nydus-image), "lz4_block" or "none".
+	Compressor string
 	// PrefetchFiles are paths in the image whose inodes fill the merged
 	// bootstrap's prefetch table.
 	PrefetchFiles []string
@@ -49,6 +50,14 @@ type NydusConvertResult struct {
 // the blobs, the bootstrap layer and the config and manifest.
 func ConvertNydus(ctx context.Context, src, dst string, opts NydusConvertOptions) (*NydusConvertResult, error) {
 	opts.Export = ExportNone
+	bopts := build.DefaultOptions("")
+	if opts.Compressor != "" {
+		c, err := rafs.ParseCompressor(opts.Compressor)
+		if err != nil {
+			return nil, fmt.Errorf("oci: %w", err)
+		}
+		bopts.Compressor = c
+	}
 	res, err := Convert(ctx, src, opts.Options)
 	if err != nil {
 		return nil, err
@@ -78,10 +87,7 @@ func ConvertNydus(ctx context.Context, src, dst string, opts NydusConvertOptions
 		return nil, fmt.Errorf("oci: %w", err)
 	}
 	defer os.RemoveAll(work)
-	bopts := build.DefaultOptions(filepath.Join(work, "blobs"))
-	if opts.Compressor.Flag() != 0 {
-		bopts.Compressor = opts.Compressor
-	}
+	bopts.BlobDir = filepath.Join(work, "blobs")
 	lb, err := build.NewLayerBuilder(bopts)
 	if err != nil {
 		return nil, err

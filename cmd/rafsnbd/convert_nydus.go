@@ -11,7 +11,6 @@ import (
 	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/oci"
-	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 // runConvertNydus is convert --format nydus SRC DST (issue 14 item 3).
@@ -27,11 +26,8 @@ func runConvertNydus(ctx context.Context, c *cli.Command) error {
 	if c.Int("concurrency") < 1 {
 		return fmt.Errorf("--concurrency must be at least 1")
 	}
-	comp, err := rafs.ParseCompressor(c.String("compressor"))
-	if err != nil {
-		return fmt.Errorf("--compressor: %w", err)
-	}
 	var prefetch []string
+	var err error
 	if p := c.String("prefetch-files"); p != "" {
 		if prefetch, err = readPathList(p); err != nil {
 			return err
@@ -48,7 +44,7 @@ func runConvertNydus(ctx context.Context, c *cli.Command) error {
 			CacheDir: c.String("cache-dir"), Concurrency: c.Int("concurrency"), Insecure: c.Bool("insecure"),
 			StallTimeout: stallTimeout, Platform: c.String("platform"), Progress: bars.update,
 		},
-		Compressor:    comp,
+		Compressor:    c.String("compressor"),
 		PrefetchFiles: prefetch,
 	})
 	bars.finish()
