@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -40,6 +41,7 @@ const (
 	IndexVerityType     = "application/vnd.rafsnbd.verity.level1.v1"
 	IndexGzipTableType  = "application/vnd.rafsnbd.gzip-index.v1"
 	subjectAnnotation   = "vnd.rafsnbd.index.subject"
+	createdAnnotation   = "org.opencontainers.image.created"
 	verityDataBlockSize = 512 // tarfs EROFS blocks: one verity data block each
 	verityHashBlockSize = 4096
 )
@@ -640,6 +642,11 @@ func artifactManifest(subject v1.Descriptor, config []byte, blobs []artifactBlob
 		SchemaVersion: 2, MediaType: types.OCIManifestSchema1,
 		Config:  v1.Descriptor{MediaType: IndexConfigType, Size: int64(len(config)), Digest: sha256Hash(config)},
 		Subject: &subject,
+		// Readers take the newest index of an image (one with another
+		// prefetch list supersedes it); referrers lists carry manifest
+		// annotations, in no useful order (the fallback tag sorts by
+		// digest).
+		Annotations: map[string]string{createdAnnotation: time.Now().UTC().Format("2006-01-02T15:04:05.000000000Z")}, // fixed width: sorts as text
 	}
 	size := int64(len(config))
 	for _, b := range blobs {
@@ -790,8 +797,15 @@ func (p *layoutPublisher) publish(ctx context.Context, subject v1.Descriptor, co
 		return nil, err
 	}
 	// The manifest goes into index.json last: only then is the index found.
+	var created struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if err := json.Unmarshal(raw, &created); err != nil {
+		return nil, err
+	}
 	err = lp.AppendDescriptor(v1.Descriptor{MediaType: types.OCIManifestSchema1, Size: int64(len(raw)), Digest: d,
-		ArtifactType: IndexArtifactType, Annotations: map[string]string{subjectAnnotation: subject.Digest.String()}})
+		ArtifactType: IndexArtifactType, Annotations: map[string]string{subjectAnnotation: subject.Digest.String(),
+			createdAnnotation: created.Annotations[createdAnnotation]}})
 	if err != nil {
 		return nil, err
 	}

@@ -11,6 +11,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -161,9 +163,10 @@ func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*Index
 	return nil, fmt.Errorf("oci: %s: no usable index%s (%s)", img.source, want, strings.Join(errs, "; "))
 }
 
-// indexCandidates lists the index artifacts whose subject is the manifest.
+// indexCandidates lists the index artifacts whose subject is the
+// manifest, the newest first.
 func indexCandidates(ctx context.Context, src source, subject v1.Hash, kc authn.Keychain) ([]v1.Hash, error) {
-	var out []v1.Hash
+	var out []v1.Descriptor
 	switch s := src.(type) {
 	case *registrySource:
 		if kc == nil {
@@ -182,7 +185,7 @@ func indexCandidates(ctx context.Context, src source, subject v1.Hash, kc authn.
 		}
 		for _, d := range im.Manifests {
 			if d.ArtifactType == IndexArtifactType {
-				out = append(out, d.Digest)
+				out = append(out, d)
 			}
 		}
 	case *layoutSource:
@@ -196,17 +199,24 @@ func indexCandidates(ctx context.Context, src source, subject v1.Hash, kc authn.
 		}
 		for _, d := range im.Manifests {
 			if d.ArtifactType == IndexArtifactType && d.Annotations[subjectAnnotation] == subject.String() {
-				out = append(out, d.Digest)
+				out = append(out, d)
 			}
 		}
 	default:
 		return nil, fmt.Errorf("cannot look for an index in %s", src.canonical())
 	}
-	// The newest last in both lists: try it first.
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
+	// By creation time (RFC 3339 in UTC sorts as text), newest first; the
+	// layout's list, and the referrers API's, add the newest last, so
+	// among equals (indexes older than the annotation) later wins.
+	slices.Reverse(out)
+	sort.SliceStable(out, func(i, j int) bool {
+		return out[i].Annotations[createdAnnotation] > out[j].Annotations[createdAnnotation]
+	})
+	ds := make([]v1.Hash, len(out))
+	for i, d := range out {
+		ds[i] = d.Digest
 	}
-	return out, nil
+	return ds, nil
 }
 
 // artifact is an index artifact fetched and checked against itself and

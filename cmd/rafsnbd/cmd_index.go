@@ -3,6 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/urfave/cli/v3"
 
@@ -30,6 +33,12 @@ the same --span and --verity-compat is left alone.
 
 Only gzip and uncompressed layers can be indexed; a zstd layer is refused.
 
+The index can say what serving the image fetches first: --prefetch-files
+FILE names paths of the image, one per line (a directory stands for the
+files below it), and --prefetch-trace FILE stores the device ranges a
+workload read, as 'serve --record-trace FILE' recorded them. An index with
+another list is another index (the newest is used).
+
   rafsnbd index --insecure 127.0.0.1:5000/app:v1
   rafsnbd index oci:./layout:v1`,
 			Flags: []cli.Flag{
@@ -37,6 +46,8 @@ Only gzip and uncompressed layers can be indexed; a zstd layer is refused.
 				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
 				sizeFlag("span", gzran.DefaultSpan, "uncompressed `SIZE` between gzip checkpoints"),
 				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
+				&cli.StringFlag{Name: "prefetch-files", Usage: "store the paths in `FILE` (one per line) as what serving fetches first"},
+				&cli.StringFlag{Name: "prefetch-trace", Usage: "store the device ranges in `FILE` (written by serve --record-trace) as what serving fetches first"},
 				jsonFlag(),
 			},
 			Action: runIndex,
@@ -56,8 +67,19 @@ func runIndex(ctx context.Context, c *cli.Command) error {
 	if err != nil {
 		return usagef(c, "%v", err)
 	}
+	prefetch := &oci.IndexPrefetch{}
+	if path := c.String("prefetch-files"); path != "" {
+		if prefetch.Files, err = readPrefetchFiles(path); err != nil {
+			return err
+		}
+	}
+	if path := c.String("prefetch-trace"); path != "" {
+		if prefetch.Ranges, err = readTrace(path); err != nil {
+			return err
+		}
+	}
 	res, err := oci.Index(ctx, c.Args().First(), oci.IndexOptions{
-		Platform: c.String("platform"), Insecure: c.Bool("insecure"), Span: span, VerityCompat: compat,
+		Platform: c.String("platform"), Insecure: c.Bool("insecure"), Span: span, VerityCompat: compat, Prefetch: prefetch,
 	})
 	if err != nil {
 		return err
@@ -74,4 +96,25 @@ func runIndex(ctx context.Context, c *cli.Command) error {
 		res.Ref, res.ManifestDigest, res.ArtifactDigest, state, res.ArtifactSize,
 		100*float64(res.ArtifactSize)/float64(max(res.ImageSize, 1)), res.ImageSize, res.RootHash)
 	return nil
+}
+
+// readPrefetchFiles reads --prefetch-files: paths, one per line; blank
+// lines and lines starting with '#' are skipped.
+func readPrefetchFiles(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !utf8.ValidString(line) || strings.ContainsRune(line, 0) {
+			return nil, fmt.Errorf("%s:%d: not a path", path, i+1)
+		}
+		out = append(out, line)
+	}
+	return out, nil
 }

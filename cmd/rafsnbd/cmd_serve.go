@@ -48,6 +48,8 @@ socket or a loopback address is accepted; binding any other address needs
 in-flight reads finish, and exits 0.`,
 			Flags: append(append(multiImageFlags(), prefetchFlags()...),
 				rootHashFlag(), // issue 12: pins the verity root of a lazily read --image
+				&cli.BoolFlag{Name: "fetch-all", Usage: "with --cache-dir: after start, fill the cache with every blob in the background (after the index's prefetch list), at low priority to reads"},
+				&cli.StringFlag{Name: "record-trace", Usage: "record the device ranges clients read and write them to `FILE` on exit (for rafsnbd index --prefetch-trace); one image only"},
 				&cli.StringFlag{Name: "listen", Value: "tcp:127.0.0.1:10809", Usage: "where to listen: `unix:PATH` or tcp:HOST:PORT (port 0 picks a free one)"},
 				&cli.StringSliceFlag{Name: "disk", Usage: "serve this flat disk `FILE` (repeatable)"},
 				&cli.StringSliceFlag{Name: "name", Usage: "export `NAME`s, in order: each -B image's, each --image's, then each --disk's (repeatable)"},
@@ -63,6 +65,12 @@ in-flight reads finish, and exits 0.`,
 func runServe(ctx context.Context, c *cli.Command) error {
 	if err := checkImageFlags(c, true); err != nil {
 		return err
+	}
+	if c.Bool("fetch-all") && c.String("cache-dir") == "" {
+		return usagef(c, "--fetch-all fills the blob cache: give --cache-dir DIR too")
+	}
+	if c.String("record-trace") != "" && len(c.StringSlice("bootstrap"))+len(c.StringSlice("image")) != 1 {
+		return usagef(c, "--record-trace records the reads of one image: give one -B or --image")
 	}
 	log := logger(ctx)
 	if path := c.String("cpuprofile"); path != "" {
@@ -152,6 +160,18 @@ func serveExports(ctx context.Context, c *cli.Command) ([]nbd.Export, func() err
 				return fail(err)
 			}
 			closers = append(closers, img.Close)
+			var dev nbd.Device = img
+			if path := c.String("record-trace"); path != "" {
+				td := &tracingDevice{Image: img}
+				dev = td
+				closers = append(closers, func() error { // runs before img.Close
+					err := td.writeTrace(path)
+					if err == nil {
+						logger(ctx).Info().Str("file", path).Msg("trace written")
+					}
+					return err
+				})
+			}
 			id, name, err := src.identity()
 			if err != nil {
 				return fail(err)
@@ -162,7 +182,7 @@ func serveExports(ctx context.Context, c *cli.Command) ([]nbd.Export, func() err
 			exports = append(exports, nbd.Export{
 				Name:        name,
 				Description: "RAFS image " + strings.TrimPrefix(strings.TrimPrefix(id, "rafsnbd:image:"), "rafsnbd:ref:"),
-				Device:      img,
+				Device:      dev,
 				BlockSize:   img.BlockSize(),
 			})
 			sources = append(sources, id)

@@ -218,7 +218,7 @@ func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, e
 			return img, err
 		}
 	}
-	ii, err := oci.OpenIndexed(ctx, ref, oci.OpenIndexOptions{Insecure: c.Bool("insecure"), RootHash: pin})
+	ii, err := oci.OpenIndexed(ctx, ref, oci.OpenIndexOptions{Insecure: c.Bool("insecure"), RootHash: pin, CacheDir: c.String("cache-dir")})
 	if err != nil {
 		return nil, err
 	}
@@ -243,13 +243,21 @@ func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, e
 		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
 	}
 	if withPrefetch && c.String("cache-dir") != "" {
-		if err := prefetchImage(img, c.Bool("prefetch-all"), c.StringSlice("prefetch")); err != nil {
+		// The index's list first: each blob's queue is worked in order,
+		// so --fetch-all's whole blobs come after it.
+		if err := prefetchIndexed(img, ii.Prefetch); err != nil {
+			img.Close()
+			return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
+		}
+		if err := prefetchImage(img, c.Bool("prefetch-all") || c.Bool("fetch-all"), c.StringSlice("prefetch")); err != nil {
 			img.Close()
 			return nil, err
 		}
 	}
 	logger(ctx).Info().Str("image", ii.Ref).Str("manifest", ii.ManifestDigest).Str("index", ii.ArtifactDigest).
-		Str("root_hash", ii.RootHash).Int("layers", len(ii.Layers)).Int64("size", img.Size()).Msg("image read lazily through its index")
+		Str("root_hash", ii.RootHash).Int("layers", len(ii.Layers)).Int64("size", img.Size()).
+		Int64("index_fetched_bytes", ii.ArtifactFetched).Int("prefetch_files", len(ii.Prefetch.Files)).
+		Int("prefetch_ranges", len(ii.Prefetch.Ranges)).Msg("image read lazily through its index")
 	return img, nil
 }
 

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -140,9 +142,49 @@ func TestLazyOCIImage(t *testing.T) {
 		t.Fatalf("serve with another root pinned: %v\n%s", err, msg)
 	}
 
-	// kill -9 while --prefetch-all fills the cache; with the base layer
-	// then gone from the registry, a restart serves what was ready (the
-	// exact bytes) and EIO for the rest, never anything unchecked.
+	// kill -9 while spans are filling: serve --fetch-all through a
+	// throttled proxy, killed once part of the layers came; the restart
+	// serves the right tree (every unit checked: nothing unverified is
+	// served) and fetches less than the image (ready spans are reused).
+	layerBytes := layerBlobBytes(t, data, ref)
+	// A fill of about 6 s, killed at 70%: the cache fetches up to 4 MiB
+	// of a layer per request (a few spans), so by then the first requests
+	// have finished and been made durable (every second), others not.
+	proxy := testregistry.Throttle(t, addr, max(layerBytes/6, 64<<10))
+	slowRef := proxy.Addr + "/lazy/img:v1"
+	killCache := filepath.Join(w, "cache-kill")
+	started := time.Now()
+	cmd9, _, _ := startServeIn(t, bin, w, "--listen", "unix:"+filepath.Join(w, "k.sock"), "--image", slowRef, "--insecure", "--cache-dir", killCache, "--fetch-all")
+	artifactBytes := proxy.BlobBytes() // serve printed its URI: the index is in
+	for proxy.BlobBytes()-artifactBytes < layerBytes*7/10 {
+		if time.Since(started) > 60*time.Second {
+			t.Fatalf("--fetch-all fetched %d of %d layer bytes in 60 s", proxy.BlobBytes()-artifactBytes, layerBytes)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cmd9.Process.Kill()
+	cmd9.Wait()
+	before := proxy.BlobBytes() - artifactBytes
+	if before >= layerBytes {
+		t.Fatalf("the kill came after the fill: %d of %d layer bytes fetched", before, layerBytes)
+	}
+	proxy.SetRate(0)
+	proxy.ResetBlobBytes()
+	uri = startServe(t, bin, "--image", slowRef, "--insecure", "--cache-dir", killCache)
+	restartIndex := proxy.BlobBytes()
+	mnt = mountNBD(t, uri)
+	if diffs := treecmp.Diff(want, scanNoDirMtime(t, mnt), treecmp.Options{}); len(diffs) > 0 {
+		t.Fatalf("after kill -9 mid-fill and restart, the tree differs from umoci's in %d ways:\n%s", len(diffs), treecmp.Summary(diffs, 30))
+	}
+	after := proxy.BlobBytes() - restartIndex
+	t.Logf("kill -9 at %.1f s with %d of %d layer bytes fetched (index artifact %d bytes); restart: index %d bytes fetched, the whole tree read fetched %d layer bytes",
+		time.Since(started).Seconds(), before, layerBytes, artifactBytes, restartIndex, after)
+	if restartIndex > 4096 { // the image's config is fetched again, not the artifact
+		t.Errorf("the restart fetched %d bytes before serving: the index artifact again (it is in --cache-dir)?", restartIndex)
+	}
+	if after >= layerBytes {
+		t.Errorf("the restart fetched %d layer bytes, the whole image is %d: ready spans were not reused", after, layerBytes)
+	}
 	blobs, _ := filepath.Glob(filepath.Join(data, "docker/registry/v2/blobs/sha256/*/*/data"))
 	var biggest string
 	var size int64
@@ -150,44 +192,6 @@ func TestLazyOCIImage(t *testing.T) {
 		if st, err := os.Stat(b); err == nil && st.Size() > size {
 			biggest, size = b, st.Size()
 		}
-	}
-	killCache := filepath.Join(w, "cache-kill")
-	cmd9, _, _ := startServeIn(t, bin, w, "--listen", "unix:"+filepath.Join(w, "k.sock"), "--image", ref, "--insecure", "--cache-dir", killCache, "--prefetch-all")
-	time.Sleep(1500 * time.Millisecond) // ready bits become durable every second (FlushInterval)
-	cmd9.Process.Kill()
-	cmd9.Wait()
-	if err := os.Rename(biggest, biggest+".away"); err != nil {
-		t.Fatal(err)
-	}
-	uri = startServe(t, bin, "--image", ref, "--insecure", "--cache-dir", killCache)
-	mnt = mountNBD(t, uri)
-	wantBig, err := os.ReadFile(filepath.Join(umociUnpackDir(t, layoutDir, "v1"), "usr/lib/big.so"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(filepath.Join(mnt, "usr/lib/big.so"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	okReads, failed := 0, 0
-	for off := 0; off < len(wantBig); off += 256 << 10 {
-		b := make([]byte, min(256<<10, len(wantBig)-off))
-		if _, err := f.ReadAt(b, int64(off)); err != nil {
-			failed++
-			continue
-		}
-		if !bytes.Equal(b, wantBig[off:off+len(b)]) {
-			t.Fatalf("after kill -9 and restart: wrong bytes at %d of big.so", off)
-		}
-		okReads++
-	}
-	f.Close()
-	t.Logf("after kill -9 at 1.5 s and restart, the layer gone: %d reads of 256 KiB from the cache, %d failed", okReads, failed)
-	if okReads == 0 {
-		t.Fatal("nothing cached before the kill was served after the restart")
-	}
-	if err := os.Rename(biggest+".away", biggest); err != nil {
-		t.Fatal(err)
 	}
 
 	// Damage the base layer in the registry's storage, in the middle of
@@ -219,4 +223,189 @@ func umociUnpackDir(t *testing.T, layoutDir, tag string) string {
 		t.Fatalf("umoci unpack: %v\n%s", err, out)
 	}
 	return filepath.Join(bundle, "rootfs")
+}
+
+// layerBlobBytes is the compressed size of ref's layers, from the
+// registry's storage (data) and the manifest it serves.
+func layerBlobBytes(t *testing.T, data, ref string) int64 {
+	t.Helper()
+	var total int64
+	for _, p := range layerBlobPaths(t, data, ref) {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += st.Size()
+	}
+	return total
+}
+
+// layerBlobPaths are the files of ref's layer blobs in the registry's
+// storage, in manifest order.
+func layerBlobPaths(t *testing.T, data, ref string) []string {
+	t.Helper()
+	host, rest, _ := strings.Cut(ref, "/")
+	repo, tag, _ := strings.Cut(rest, ":")
+	req, _ := http.NewRequest("GET", "http://"+host+"/v2/"+repo+"/manifests/"+tag, nil)
+	req.Header.Set("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var m struct {
+		Layers []struct{ Digest string } `json:"layers"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&m); err != nil || len(m.Layers) == 0 {
+		t.Fatalf("manifest of %s: %v (%d layers)", ref, err, len(m.Layers))
+	}
+	var out []string
+	for _, l := range m.Layers {
+		hex := strings.TrimPrefix(l.Digest, "sha256:")
+		out = append(out, filepath.Join(data, "docker/registry/v2/blobs/sha256", hex[:2], hex, "data"))
+	}
+	return out
+}
+
+// Issue 12's prefetch, through the binary and the kernel: what the index
+// lists (--prefetch-files), what serve --record-trace recorded
+// (--prefetch-trace), and serve --fetch-all are fetched with no client
+// reading; a restart with the layers gone from the registry serves them
+// from the cache (and only them: the rest gives EIO).
+func TestLazyOCIPrefetch(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "nbdfuse", "umoci")
+	bin := buildBinary(t)
+	addr, data := testregistry.StartDir(t)
+	w := t.TempDir()
+	base, changes := lazyTestImage(t, w)
+	ref := addr + "/lazy/pf:v1"
+	layoutDir := filepath.Join(w, "layout")
+	run(t, "go", "run", "../../scripts/mkoci", "-layout", layoutDir, "-tag", "v1", "-push", ref, "-insecure", base, changes)
+	want := scanNoDirMtime(t, umociUnpackDir(t, layoutDir, "v1"))
+	blobs := layerBlobPaths(t, data, ref)
+	proxy := testregistry.Throttle(t, addr, 0)
+	pref := proxy.Addr + "/lazy/pf:v1"
+
+	// fill serves pref with a fresh cache and args, no client reading,
+	// until the registry has sent nothing for a second; then stops it.
+	fill := func(cache string, args ...string) int64 {
+		t.Helper()
+		proxy.ResetBlobBytes()
+		sock := filepath.Join(t.TempDir(), "s.sock")
+		cmd, _, stderr := startServeIn(t, bin, w, append([]string{"--listen", "unix:" + sock, "--image", pref, "--insecure", "--cache-dir", cache}, args...)...)
+		last, still := proxy.BlobBytes(), 0
+		for deadline := time.Now().Add(30 * time.Second); still < 10; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("serve %v kept fetching for 30 s", args)
+			}
+			if n := proxy.BlobBytes(); n != last {
+				last, still = n, 0
+			} else {
+				still++
+			}
+		}
+		cmd.Process.Signal(os.Interrupt)
+		if code := waitExit(t, cmd, 15*time.Second); code != 0 {
+			t.Fatalf("serve %v exited %d:\n%s", args, code, stderr)
+		}
+		return proxy.BlobBytes()
+	}
+	// layersGone runs f with the image's layer blobs moved away.
+	layersGone := func(f func()) {
+		t.Helper()
+		for _, b := range blobs {
+			if err := os.Rename(b, b+".away"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		defer func() {
+			for _, b := range blobs {
+				os.Rename(b+".away", b)
+			}
+		}()
+		f()
+	}
+	readable := func(mnt, p string) bool {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(mnt, p))
+		if err != nil {
+			return false
+		}
+		if e := want[p]; e == nil || e.Size != int64(len(b)) {
+			t.Fatalf("%s: read %d bytes that are not umoci's file", p, len(b))
+		}
+		return true
+	}
+
+	// Without a list nothing but the index is fetched.
+	run(t, bin, "index", "--insecure", ref)
+	plain := fill(filepath.Join(w, "cache-none"))
+
+	// --prefetch-files: usr/share/doc (100 KiB of the base layer) only.
+	list := filepath.Join(w, "prefetch.txt")
+	if err := os.WriteFile(list, []byte("# what the app opens first\n/usr/share/doc\n\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out := run(t, bin, "index", "--insecure", "--prefetch-files", list, ref); !strings.Contains(out, "published") {
+		t.Fatalf("index --prefetch-files: %s", out)
+	}
+	cacheFiles := filepath.Join(w, "cache-files")
+	listed := fill(cacheFiles)
+	t.Logf("fetched with no reads: %d bytes without a prefetch list, %d with --prefetch-files", plain, listed)
+	if listed <= plain {
+		t.Fatalf("the index's prefetch list fetched nothing (%d bytes, %d without)", listed, plain)
+	}
+	layersGone(func() {
+		mnt := mountNBD(t, startServe(t, bin, "--image", pref, "--insecure", "--cache-dir", cacheFiles))
+		if !readable(mnt, "usr/share/doc") {
+			t.Fatal("usr/share/doc, in the prefetch list, was not cached")
+		}
+		if readable(mnt, "usr/lib/big.so") {
+			t.Fatal("usr/lib/big.so, not in the list, read with its layer gone")
+		}
+	})
+
+	// --record-trace: a workload reads hello.txt; the trace names it, and
+	// an index of the trace makes serving fetch it first.
+	trace := filepath.Join(w, "trace.txt")
+	sock := filepath.Join(w, "t.sock")
+	cmd, uri, stderr := startServeIn(t, bin, w, "--listen", "unix:"+sock, "--image", pref, "--insecure", "--cache-dir", filepath.Join(w, "cache-trace"), "--record-trace", trace)
+	mnt := mountNBD(t, uri)
+	if !readable(mnt, "hello.txt") {
+		t.Fatal("hello.txt: not readable")
+	}
+	cmd.Process.Signal(os.Interrupt)
+	if code := waitExit(t, cmd, 15*time.Second); code != 0 {
+		t.Fatalf("serve --record-trace exited %d:\n%s", code, stderr)
+	}
+	tb, err := os.ReadFile(trace)
+	if err != nil || !regexp.MustCompile(`(?m)^\d+ \d+ /hello\.txt$`).Match(tb) {
+		t.Fatalf("the trace does not name /hello.txt (%v):\n%s", err, tb)
+	}
+	if out := run(t, bin, "index", "--insecure", "--prefetch-trace", trace, ref); !strings.Contains(out, "published") {
+		t.Fatalf("index --prefetch-trace: %s", out)
+	}
+	cacheTrace := filepath.Join(w, "cache-traced")
+	traced := fill(cacheTrace)
+	layersGone(func() {
+		mnt := mountNBD(t, startServe(t, bin, "--image", pref, "--insecure", "--cache-dir", cacheTrace))
+		if !readable(mnt, "hello.txt") {
+			t.Fatal("hello.txt, in the trace, was not cached")
+		}
+		if readable(mnt, "usr/share/doc") {
+			t.Fatal("usr/share/doc, not in the trace, read with its layer gone")
+		}
+	})
+
+	// --fetch-all: everything, the tree equals umoci's with the layers gone.
+	cacheAll := filepath.Join(w, "cache-all")
+	all := fill(cacheAll, "--fetch-all")
+	t.Logf("fetched with no reads: %d bytes with the trace's index, %d with --fetch-all (layers: %d bytes)", traced, all, layerBlobBytes(t, data, ref))
+	layersGone(func() {
+		mnt := mountNBD(t, startServe(t, bin, "--image", pref, "--insecure", "--cache-dir", cacheAll))
+		if diffs := treecmp.Diff(want, scanNoDirMtime(t, mnt), treecmp.Options{}); len(diffs) > 0 {
+			t.Fatalf("after --fetch-all, with the layers gone: %d differences from umoci's tree:\n%s", len(diffs), treecmp.Summary(diffs, 30))
+		}
+	})
 }
