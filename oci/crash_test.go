@@ -4,12 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"math/rand/v2"
-	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,41 +19,6 @@ import (
 	"github.com/rafsnbd/rafsnbd/internal/testregistry"
 	"github.com/rafsnbd/rafsnbd/internal/testutil"
 )
-
-// throttledRegistry puts a loopback proxy in front of a registry that
-// sends blob bodies at about bytesPerSec, so that a conversion spends a
-// predictable time downloading.
-func throttledRegistry(t *testing.T, registry string, bytesPerSec int) string {
-	t.Helper()
-	target, _ := url.Parse("http://" + registry)
-	proxy := httputil.NewSingleHostReverseProxy(target)
-	proxy.ModifyResponse = func(resp *http.Response) error {
-		if strings.Contains(resp.Request.URL.Path, "/blobs/") {
-			resp.Body = &slowBody{rc: resp.Body, rate: bytesPerSec}
-		}
-		return nil
-	}
-	srv := httptest.NewServer(proxy)
-	t.Cleanup(srv.Close)
-	return strings.TrimPrefix(srv.URL, "http://")
-}
-
-type slowBody struct {
-	rc   io.ReadCloser
-	rate int
-}
-
-func (s *slowBody) Read(p []byte) (int, error) {
-	const piece = 32 << 10
-	if len(p) > piece {
-		p = p[:piece]
-	}
-	n, err := s.rc.Read(p)
-	time.Sleep(time.Duration(n) * time.Second / time.Duration(s.rate))
-	return n, err
-}
-
-func (s *slowBody) Close() error { return s.rc.Close() }
 
 // crashImage is three layers of incompressible data (so that compressed
 // and uncompressed sizes are alike) plus some files.
@@ -163,7 +123,7 @@ func TestConvertKilled(t *testing.T) {
 	reg := testregistry.Start(t)
 	img := crashImage(t, 6)
 	pushImage(t, reg+"/crash/img:v1", img)
-	slow := throttledRegistry(t, reg, 12<<20) // ~1.5 s of download for 18 MiB
+	slow := testregistry.Throttle(t, reg, 12<<20).Addr // ~1.5 s of download for 18 MiB
 	ref := slow + "/crash/img:v1"
 	dir := t.TempDir()
 
@@ -243,7 +203,7 @@ func TestConvertConcurrentCLI(t *testing.T) {
 	testutil.SkipShort(t)
 	reg := testregistry.Start(t)
 	pushImage(t, reg+"/conc/img:v1", crashImage(t, 2))
-	ref := throttledRegistry(t, reg, 8<<20) + "/conc/img:v1"
+	ref := testregistry.Throttle(t, reg, 8<<20).Addr + "/conc/img:v1"
 	cache := filepath.Join(t.TempDir(), "cache")
 	a, aout, aerr := startCLI(t, cache, ref, "--export", "image", "--verity")
 	b, bout, berr := startCLI(t, cache, ref, "--export", "image", "--verity")
