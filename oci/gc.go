@@ -29,11 +29,11 @@ type CachedImage struct {
 }
 
 // CachedFile is a file of the cache that is not an image's own: a layer
-// tar, a layer bootstrap, an exported disk, or a leftover of an interrupted
-// conversion.
+// tar, a layer bootstrap, an exported disk, a lazy index artifact, or a
+// leftover of an interrupted conversion.
 type CachedFile struct {
 	Path   string // relative to the cache directory
-	Kind   string // "layer tar", "layer bootstrap", "image disk", "layer disk", "leftover"
+	Kind   string // "layer tar", "layer bootstrap", "image disk", "layer disk", "index artifact", "leftover"
 	Bytes  int64  // disk usage
 	Images int    // how many converted images use it
 }
@@ -130,7 +130,7 @@ func (c *cache) usedBy(info *ImageInfo, rel string) bool {
 // files lists blobs/ and layers/, with how many images use each file.
 func (c *cache) files(images []CachedImage) ([]CachedFile, error) {
 	var out []CachedFile
-	for _, sub := range []string{"blobs", "layers", "staging"} {
+	for _, sub := range []string{"blobs", "layers", "staging", indexArtifactDir} {
 		ents, err := os.ReadDir(filepath.Join(c.dir, sub))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
@@ -160,6 +160,12 @@ func (c *cache) files(images []CachedImage) ([]CachedFile, error) {
 func fileKind(sub, name string) string {
 	if sub == "staging" || atomicfile.IsTemp(name) {
 		return "leftover"
+	}
+	if sub == indexArtifactDir {
+		if len(name) == 64 && isHex(name) {
+			return "index artifact"
+		}
+		return ""
 	}
 	hex, ext, _ := strings.Cut(name, ".")
 	if len(hex) != 64 || !isHex(hex) {
@@ -240,6 +246,12 @@ func GC(ctx context.Context, cacheDir string, opts GCOptions) (removed []CachedI
 	}
 	for _, f := range cc.Files {
 		used := slices.ContainsFunc(keep, func(im CachedImage) bool { return c.usedBy(&im.Info, f.Path) })
+		if f.Kind == "index artifact" {
+			// Kept for lazily served images, which have no record here:
+			// removed by --all, or by age (since it was fetched).
+			st, err := os.Stat(filepath.Join(c.dir, f.Path))
+			used = !opts.All && (opts.OlderThan <= 0 || err == nil && time.Since(st.ModTime()) <= opts.OlderThan)
+		}
 		if used {
 			continue
 		}
@@ -248,8 +260,17 @@ func GC(ctx context.Context, cacheDir string, opts GCOptions) (removed []CachedI
 		}
 		freed += f.Bytes
 	}
-	return removed, freed, atomicfile.SyncDir(filepath.Join(c.dir, "blobs"))
+	for _, sub := range []string{"blobs", "layers", "images", indexArtifactDir} {
+		if err := atomicfile.SyncDir(filepath.Join(c.dir, sub)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return removed, freed, err
+		}
+	}
+	return removed, freed, nil
 }
+
+// indexArtifactDir holds the index artifacts of lazily served images
+// (IndexArtifactCacheDir), by digest, relative to the cache.
+var indexArtifactDir = filepath.Join("index-artifacts", "sha256")
 
 // useLockName is held shared by every conversion and exclusively by GC.
 const useLockName = "use.lock"
