@@ -131,18 +131,7 @@ type IndexResult struct {
 // uncompressed bytes are hashed for the diff_id and in 512-byte verity
 // blocks as they pass. An image indexed before is left alone (Reused).
 func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, error) {
-	if opts.Platform == "" {
-		opts.Platform = DefaultPlatform()
-	}
-	platform, err := v1.ParsePlatform(opts.Platform)
-	if err != nil {
-		return nil, fmt.Errorf("oci: platform %q: %w", opts.Platform, err)
-	}
-	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
-	if err != nil {
-		return nil, err
-	}
-	img, err := resolveImage(ctx, src, platform, limits{manifest: DefaultMaxManifestSize, config: DefaultMaxConfigSize, layers: rafs.MaxBlobs})
+	src, img, err := openResolved(ctx, ref, opts.Platform, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
 	if err != nil {
 		return nil, err
 	}

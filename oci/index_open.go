@@ -21,7 +21,6 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
-	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
@@ -114,15 +113,7 @@ func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*Index
 			return nil, fmt.Errorf("oci: root hash %q is not 64 hex digits", opts.RootHash)
 		}
 	}
-	platform, err := v1.ParsePlatform(opts.Platform)
-	if err != nil {
-		return nil, fmt.Errorf("oci: platform %q: %w", opts.Platform, err)
-	}
-	src, err := openSource(ctx, ref, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
-	if err != nil {
-		return nil, err
-	}
-	img, err := resolveImage(ctx, src, platform, limits{manifest: DefaultMaxManifestSize, config: DefaultMaxConfigSize, layers: rafs.MaxBlobs})
+	src, img, err := openResolved(ctx, ref, opts.Platform, sourceOptions{insecure: opts.Insecure, keychain: opts.Keychain, stall: DefaultStallTimeout})
 	if err != nil {
 		return nil, err
 	}
@@ -423,17 +414,8 @@ func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIn
 	if a.cfg.Prefetch != nil {
 		ii.Prefetch = *a.cfg.Prefetch
 	}
-	switch s := src.(type) {
-	case *registrySource:
-		rs, err := registry.New(s.ref.Context().String(), registry.Options{Insecure: opts.Insecure, Keychain: opts.Keychain})
-		if err != nil {
-			return nil, err
-		}
-		raws, ii.stats = rs, rs.Stats
-	case *layoutSource:
-		raws = localfs.New(filepath.Join(s.dir, "blobs", "sha256"))
-	default:
-		return nil, fmt.Errorf("cannot read layers from %s", src.canonical())
+	if raws, ii.stats, err = layerStore(src, opts.Insecure, opts.Keychain); err != nil {
+		return nil, err
 	}
 	byDiff := map[string]*IndexLayer{}
 	for i := range a.cfg.Layers {

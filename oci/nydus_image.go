@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"path"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -17,7 +16,6 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
-	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/rafs"
 )
@@ -188,19 +186,11 @@ func OpenNydus(ctx context.Context, ref string, opts OpenNydusOptions) (*NydusIm
 		ids[id] = l.Digest.Hex
 		n.Blobs = append(n.Blobs, NydusBlob{ID: id, Digest: l.Digest.String(), Size: l.Size})
 	}
-	var raw blobcache.Store
-	switch s := src.(type) {
-	case *registrySource:
-		rs, err := registry.New(s.ref.Context().String(), registry.Options{Insecure: opts.Insecure, Keychain: opts.Keychain})
-		if err != nil {
-			return nil, err
-		}
-		raw, n.stats = rs, rs.Stats
-	case *layoutSource:
-		raw = localfs.New(filepath.Join(s.dir, "blobs", "sha256"))
-	default:
-		return nil, fmt.Errorf("oci: cannot read blobs from %s", what)
+	raw, stats, err := layerStore(src, opts.Insecure, opts.Keychain)
+	if err != nil {
+		return nil, err
 	}
+	n.stats = stats
 	n.store = digestStore{raw: raw, digests: ids}
 	return n, nil
 }

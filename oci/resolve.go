@@ -10,6 +10,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/rafsnbd/rafsnbd/rafs"
 )
 
 // image is a resolved single-platform image.
@@ -213,4 +215,25 @@ func configPlatform(c *v1.ConfigFile) string {
 		return ""
 	}
 	return p.String()
+}
+
+// openResolved opens the image ref names and resolves it to one platform
+// ("os/arch[/variant]", "" for DefaultPlatform), with the default limits.
+func openResolved(ctx context.Context, ref, platform string, o sourceOptions) (source, *image, error) {
+	if platform == "" {
+		platform = DefaultPlatform()
+	}
+	p, err := v1.ParsePlatform(platform)
+	if err != nil {
+		return nil, nil, fmt.Errorf("oci: platform %q: %w", platform, err)
+	}
+	src, err := openSource(ctx, ref, o)
+	if err != nil {
+		return nil, nil, err
+	}
+	img, err := resolveImage(ctx, src, p, limits{manifest: DefaultMaxManifestSize, config: DefaultMaxConfigSize, layers: rafs.MaxBlobs})
+	if err != nil {
+		return nil, nil, err
+	}
+	return src, img, nil
 }

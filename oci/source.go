@@ -20,6 +20,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blobcache/localfs"
+	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/internal/regclient"
 )
 
@@ -319,4 +322,21 @@ func readLimited(r io.Reader, limit int64) ([]byte, error) { return regclient.Re
 func sha256Hash(b []byte) v1.Hash {
 	sum := sha256.Sum256(b)
 	return v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(sum[:])}
+}
+
+// layerStore reads an image's blobs by digest, lazily, from where src
+// found the image: the registry repository (with its request statistics),
+// or the layout's blobs/sha256.
+func layerStore(src source, insecure bool, keychain authn.Keychain) (blobcache.Store, func() registry.Stats, error) {
+	switch s := src.(type) {
+	case *registrySource:
+		rs, err := registry.New(s.ref.Context().String(), registry.Options{Insecure: insecure, Keychain: keychain})
+		if err != nil {
+			return nil, nil, err
+		}
+		return rs, rs.Stats, nil
+	case *layoutSource:
+		return localfs.New(filepath.Join(s.dir, "blobs", "sha256")), nil, nil
+	}
+	return nil, nil, fmt.Errorf("oci: cannot read blobs from %s", src.canonical())
 }
