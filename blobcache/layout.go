@@ -269,27 +269,18 @@ func (l *layout) checkChunks(e *rafs.BlobEntry) error {
 // table entry with the same blob and chunk-info index, which must agree
 // with the blob's chunk-info entry on where the chunk is.
 func (l *layout) digestsFromTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) error {
-	for i := range table {
-		c := &table[i]
-		if c.BlobIndex != e.BlobIndex {
-			continue
-		}
-		if c.Index >= uint32(len(l.units)) {
-			return fmt.Errorf("chunk table entry %d: chunk-info index %d beyond the blob's %d chunks", i, c.Index, len(l.units))
-		}
-		u := &l.units[c.Index]
-		if c.UncompressedOffset != u.uoff || c.UncompressedSize != u.usize ||
-			c.CompressedOffset != u.coff || c.CompressedSize != u.csize {
+	return l.eachTableUnit(e, table, func(i int, c *rafs.ChunkInfo, u *unit, placed bool) error {
+		switch {
+		case !placed:
 			return fmt.Errorf("chunk table entry %d (chunk %d) says stored [%d, +%d) uncompressed [%d, +%d); the blob says [%d, +%d) and [%d, +%d)",
 				i, c.Index, c.CompressedOffset, c.CompressedSize, c.UncompressedOffset, c.UncompressedSize,
 				u.coff, u.csize, u.uoff, u.usize)
-		}
-		if u.hasDigest && u.digest != c.Digest {
+		case u.hasDigest && u.digest != c.Digest:
 			return fmt.Errorf("chunk table entries disagree on the digest of chunk %d", c.Index)
 		}
 		u.digest, u.hasDigest = c.Digest, true
-	}
-	return nil
+		return nil
+	})
 }
 
 // checkTable checks a chunk table given by a later opener of the blob
@@ -297,6 +288,21 @@ func (l *layout) digestsFromTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) err
 // and with the digest the layout has, so no image is served bytes checked
 // against digests other than its own.
 func (l *layout) checkTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) error {
+	return l.eachTableUnit(e, table, func(i int, c *rafs.ChunkInfo, u *unit, placed bool) error {
+		switch {
+		case !placed:
+			return fmt.Errorf("chunk table entry %d (chunk %d) places it elsewhere than the image the blob was opened for", i, c.Index)
+		case !u.hasDigest || u.digest != c.Digest:
+			return fmt.Errorf("chunk table entry %d (chunk %d) has another digest than the image the blob was opened for", i, c.Index)
+		}
+		return nil
+	})
+}
+
+// eachTableUnit calls fn for every chunk table entry of e's blob with the
+// unit it names, and whether the entry places the chunk where the unit is;
+// an entry naming a chunk beyond the blob's is an error.
+func (l *layout) eachTableUnit(e *rafs.BlobEntry, table []rafs.ChunkInfo, fn func(i int, c *rafs.ChunkInfo, u *unit, placed bool) error) error {
 	for i := range table {
 		c := &table[i]
 		if c.BlobIndex != e.BlobIndex {
@@ -306,12 +312,10 @@ func (l *layout) checkTable(e *rafs.BlobEntry, table []rafs.ChunkInfo) error {
 			return fmt.Errorf("chunk table entry %d: chunk-info index %d beyond the blob's %d chunks", i, c.Index, len(l.units))
 		}
 		u := &l.units[c.Index]
-		if c.UncompressedOffset != u.uoff || c.UncompressedSize != u.usize ||
-			c.CompressedOffset != u.coff || c.CompressedSize != u.csize {
-			return fmt.Errorf("chunk table entry %d (chunk %d) places it elsewhere than the image the blob was opened for", i, c.Index)
-		}
-		if !u.hasDigest || u.digest != c.Digest {
-			return fmt.Errorf("chunk table entry %d (chunk %d) has another digest than the image the blob was opened for", i, c.Index)
+		placed := c.UncompressedOffset == u.uoff && c.UncompressedSize == u.usize &&
+			c.CompressedOffset == u.coff && c.CompressedSize == u.csize
+		if err := fn(i, c, u, placed); err != nil {
+			return err
 		}
 	}
 	return nil
