@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli/v3"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
+	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -237,7 +238,7 @@ func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, e
 		ii.Close()
 		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
 	}
-	img.AddCloser(lazyStats{ii, logger(ctx)})
+	img.AddCloser(fetchLog{ref: ii.Ref, stats: ii.FetchStats, close: ii.Close, log: logger(ctx)})
 	if err := ii.Verity.CheckBootstrap(ctx, img.Composed); err != nil {
 		img.Close()
 		return nil, fmt.Errorf("%s: index %s: %w", ref, ii.ArtifactDigest, err)
@@ -261,18 +262,24 @@ func (o *imageOpener) openRef(ref string, withPrefetch bool) (*blockdev.Image, e
 	return img, nil
 }
 
-// lazyStats closes an indexed image's layer backends and logs what was
-// fetched from the registry (scripts/bench-lazy-oci.sh reads this line).
-type lazyStats struct {
-	ii  *oci.IndexedImage
-	log *zerolog.Logger
+// fetchLog logs, when a lazily read image (indexed or nydus) is closed,
+// what it fetched from its registry (scripts/bench-lazy-oci.sh reads this
+// line), then closes what reads its layers, if anything needs closing.
+type fetchLog struct {
+	ref   string
+	stats func() registry.Stats
+	close func() error // nil: nothing to close
+	log   *zerolog.Logger
 }
 
-func (l lazyStats) Close() error {
-	st := l.ii.FetchStats()
-	l.log.Info().Str("image", l.ii.Ref).Int64("requests", st.Requests).Int64("retries", st.Retries).
+func (f fetchLog) Close() error {
+	st := f.stats()
+	f.log.Info().Str("image", f.ref).Int64("requests", st.Requests).Int64("retries", st.Retries).
 		Int64("fetched_bytes", st.Bytes).Msg("lazy image closed")
-	return l.ii.Close()
+	if f.close == nil {
+		return nil
+	}
+	return f.close()
 }
 
 // openConvertedImage composes an image that 'rafsnbd convert' left in the

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"fmt"
 
-	"github.com/rs/zerolog"
-
 	"github.com/rafsnbd/rafsnbd/blockdev"
 	"github.com/rafsnbd/rafsnbd/oci"
 	"github.com/rafsnbd/rafsnbd/rafs"
@@ -33,7 +31,7 @@ func (o *imageOpener) openNydusRef(ref string, withPrefetch bool) (*blockdev.Ima
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", ref, err)
 	}
-	img.AddCloser(nydusStats{ni, logger(ctx)})
+	img.AddCloser(fetchLog{ref: ni.Ref, stats: ni.FetchStats, log: logger(ctx)})
 	// The bootstrap's prefetch table is honoured as for any image read
 	// into a --cache-dir (prefetchImage takes it with --prefetch).
 	if withPrefetch && c.String("cache-dir") != "" {
@@ -50,18 +48,4 @@ func (o *imageOpener) openNydusRef(ref string, withPrefetch bool) (*blockdev.Ima
 		Int("blobs", len(ni.Blobs)).Int64("blob_bytes", blobBytes).Int("prefetch_table", len(ri.PrefetchTable)).
 		Int64("size", img.Size()).Msg("nydus image read lazily")
 	return img, nil
-}
-
-// nydusStats logs what a nydus image fetched from its registry when it is
-// closed, in the line lazyStats writes for indexed images.
-type nydusStats struct {
-	ni  *oci.NydusImage
-	log *zerolog.Logger
-}
-
-func (s nydusStats) Close() error {
-	st := s.ni.FetchStats()
-	s.log.Info().Str("image", s.ni.Ref).Int64("requests", st.Requests).Int64("retries", st.Retries).
-		Int64("fetched_bytes", st.Bytes).Msg("lazy image closed")
-	return nil
 }
