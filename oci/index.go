@@ -654,6 +654,16 @@ type rawManifest struct{ raw []byte }
 func (r rawManifest) RawManifest() ([]byte, error)        { return r.raw, nil }
 func (r rawManifest) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
 
+// wantedArtifact describes index artifact img, and returns it when it was
+// made with the parameters want asks for (nil when not).
+func wantedArtifact(img v1.Image, digest v1.Hash, want artifactKey) (*foundArtifact, error) {
+	found, cfg, err := describeArtifact(img, digest)
+	if err != nil || (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) != want {
+		return nil, err
+	}
+	return found, nil
+}
+
 type registryPublisher struct {
 	repo name.Repository
 	opts []remote.Option
@@ -677,12 +687,8 @@ func (p *registryPublisher) find(ctx context.Context, subject v1.Hash, want arti
 		if err != nil {
 			return nil, err
 		}
-		found, cfg, err := describeArtifact(img, d.Digest)
-		if err != nil {
-			return nil, err
-		}
-		if (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) == want {
-			return found, nil
+		if found, err := wantedArtifact(img, d.Digest, want); err != nil || found != nil {
+			return found, err
 		}
 	}
 	return nil, nil
@@ -756,12 +762,8 @@ func (p *layoutPublisher) find(ctx context.Context, subject v1.Hash, want artifa
 		if err != nil {
 			return nil, err
 		}
-		found, cfg, err := describeArtifact(img, d.Digest)
-		if err != nil {
-			return nil, err
-		}
-		if (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) == want {
-			return found, nil
+		if found, err := wantedArtifact(img, d.Digest, want); err != nil || found != nil {
+			return found, err
 		}
 	}
 	return nil, nil
