@@ -164,20 +164,16 @@ func (d *Composed) ReadAtContext(ctx context.Context, p []byte, off int64) (int,
 }
 
 // readSource reads all of p at off from src, with ctx if src takes one.
+// It is on every device read, so it calls the source directly (binding ctx
+// into an io.ReaderAt cost an allocation per read).
 func readSource(ctx context.Context, src io.ReaderAt, p []byte, off int64) error {
+	var n int
+	var err error
 	if rc, ok := src.(ReaderAtContext); ok {
-		src = withContext{ctx, rc}
+		n, err = rc.ReadAtContext(ctx, p, off)
+	} else {
+		n, err = src.ReadAt(p, off)
 	}
-	_, err := readat.Full(src, p, off)
+	_, err = readat.Complete(n, len(p), err)
 	return err
-}
-
-// withContext binds a context to a ReaderAtContext for one read.
-type withContext struct {
-	ctx context.Context
-	r   ReaderAtContext
-}
-
-func (w withContext) ReadAt(p []byte, off int64) (int, error) {
-	return w.r.ReadAtContext(w.ctx, p, off)
 }

@@ -12,7 +12,14 @@ import (
 // read is io.ErrUnexpectedEOF, or r's own error if it gave another one.
 func Full(r io.ReaderAt, p []byte, off int64) (int, error) {
 	n, err := r.ReadAt(p, off)
-	if n == len(p) {
+	return Complete(n, len(p), err)
+}
+
+// Complete applies Full's rule to the result (n, err) of one read of want
+// bytes, for readers that are not an io.ReaderAt (such as a read with a
+// context).
+func Complete(n, want int, err error) (int, error) {
+	if n == want {
 		return n, nil
 	}
 	if err == nil || errors.Is(err, io.EOF) {
