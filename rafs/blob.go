@@ -124,6 +124,10 @@ func checkBlobChunk(e *BlobEntry, c *BlobChunk, i int, prevEnd uint64, s string)
 		return formatErr(-1, s, f+" flags", c.Flags, "zran, batch or encrypted chunk in a blob without those features")
 	case c.UncompressedSize == 0 || c.CompressedSize == 0:
 		return formatErr(-1, s, f+" size", c.CompressedSize, "empty chunk")
+	case c.UncompressedSize > MaxChunkSize:
+		// A blob entry may leave its chunk size 0; a reader still must
+		// not allocate gigabytes for one chunk.
+		return formatErr(-1, s, f+" uncompressed size", c.UncompressedSize, "larger than the largest chunk size %d", MaxChunkSize)
 	case e.ChunkSize != 0 && c.UncompressedSize > e.ChunkSize:
 		return formatErr(-1, s, f+" uncompressed size", c.UncompressedSize, "larger than the blob's chunk size %d", e.ChunkSize)
 	case c.UncompressedOffset < prevEnd:

@@ -62,7 +62,7 @@ func TestReadBlobChunksFixture(t *testing.T) {
 // uncompressed space through package blobcache, which also checks every
 // chunk's digest; rafs only decodes.)
 func uncompressedSpace(blob []byte, e *BlobEntry, chunks []BlobChunk, limit int64) ([]byte, error) {
-	space := make([]byte, min(int64(e.UncompressedSize), limit))
+	space := make([]byte, min(e.UncompressedSize, uint64(limit)))
 	for i, c := range chunks {
 		if c.UncompressedOffset >= uint64(len(space)) {
 			continue

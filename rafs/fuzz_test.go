@@ -177,6 +177,12 @@ func FuzzBlobChunks(f *testing.F) {
 		var ent [BlobEntrySize]byte
 		sb.entry.Encode(ent[:])
 		f.Add(ent[:], sb.blob)
+		// An uncompressed size past 1<<63 (found by the fuzzer: it once
+		// turned negative on the way to make).
+		huge := sb.entry
+		huge.UncompressedSize |= 1 << 63
+		huge.Encode(ent[:])
+		f.Add(ent[:], sb.blob)
 	}
 	f.Fuzz(func(t *testing.T, entry, blob []byte) {
 		if len(entry) < BlobEntrySize {
@@ -200,7 +206,7 @@ func FuzzBlobChunks(f *testing.F) {
 		var prevEnd uint64
 		for i, c := range chunks {
 			end := c.UncompressedOffset + uint64(c.UncompressedSize)
-			if c.UncompressedOffset < prevEnd || end > e.UncompressedSize ||
+			if c.UncompressedOffset < prevEnd || end > e.UncompressedSize || c.UncompressedSize > MaxChunkSize ||
 				c.CompressedOffset+uint64(c.CompressedSize) > e.CompressedSize {
 				t.Fatalf("chunk %d %+v escapes validation (entry %+v)", i, c, e)
 			}
