@@ -3,6 +3,7 @@ package blobcache
 import (
 	"container/list"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -14,14 +15,18 @@ import (
 
 // GzipLayer is a Backend over the uncompressed bytes of a gzip-compressed
 // blob (an OCI layer read lazily, issue 12), given the blob's stored bytes
-// (raw, a registry blob or a file) and its gzran checkpoint table.
+// (raw, a registry blob or a file), its gzran checkpoint table and the
+// blob of the table's windows.
 //
 // Reads are cut along the checkpoints: the uncompressed stream between two
 // checkpoints is a span, and a read of the spans [i, j] is ONE range read
 // of raw from checkpoint i's compressed offset up to the byte holding
 // checkpoint j+1's block header (the blob's end for the last span), which
 // is inflated from checkpoint i's window. A read inside one span therefore
-// costs at most the span's compressed bytes. Whole spans are decoded and
+// costs at most the span's compressed bytes, plus checkpoint i's window
+// (one range read of the windows blob, made beside the other, the first
+// time the checkpoint is used: a reader that starts the image fetches the
+// windows it resumes at, not the table's). Whole spans are decoded and
 // the last few are kept (DefaultGzipSpansKept), so that a sequential
 // reader whose reads are smaller than a span inflates each span once.
 //
@@ -29,14 +34,15 @@ import (
 // gzip CRC): the cache checks them with the layer's RangeVerifier before
 // it keeps or serves them, and Forget drops kept spans that failed.
 type GzipLayer struct {
-	raw  Backend
-	idx  *gzran.Index
-	keep int
+	raw, windows Backend
+	idx          *gzran.Index
+	keep         int
 
 	mu       sync.Mutex
 	spans    map[int]*list.Element // span index → kept decoded span
 	lru      list.List             // of *gzSpan, most recent first
 	inflight map[int]*gzFetch      // span index → fetch decoding it
+	window   map[int][]byte        // checkpoint → its stored window, once fetched and checked
 
 	rawReads, rawBytes atomic.Int64
 }
@@ -56,12 +62,15 @@ type gzFetch struct {
 
 // NewGzipLayer returns the uncompressed view of the gzip blob raw, whose
 // checkpoint table is idx (checked by its UnmarshalBinary against itself,
-// not against raw: the bytes are verified by the caller).
-func NewGzipLayer(raw Backend, idx *gzran.Index) (*GzipLayer, error) {
+// not against raw: the bytes are verified by the caller) and whose
+// checkpoints' windows are in the blob windows (idx.Windows(); nil when
+// every checkpoint has its Window).
+func NewGzipLayer(raw, windows Backend, idx *gzran.Index) (*GzipLayer, error) {
 	if len(idx.Checkpoints) == 0 && idx.UncompressedSize > 0 {
 		return nil, errors.New("blobcache: gzip index without checkpoints")
 	}
-	return &GzipLayer{raw: raw, idx: idx, keep: DefaultGzipSpansKept, spans: map[int]*list.Element{}, inflight: map[int]*gzFetch{}}, nil
+	return &GzipLayer{raw: raw, windows: windows, idx: idx, keep: DefaultGzipSpansKept, spans: map[int]*list.Element{},
+		inflight: map[int]*gzFetch{}, window: map[int][]byte{}}, nil
 }
 
 // Size is the uncompressed size.
@@ -75,15 +84,19 @@ func (g *GzipLayer) MayStall() bool {
 	return true
 }
 
-// Close closes the stored blob's backend.
+// Close closes the backends.
 func (g *GzipLayer) Close() error {
-	if c, ok := g.raw.(io.Closer); ok {
-		return c.Close()
+	var errs []error
+	for _, b := range []Backend{g.raw, g.windows} {
+		if c, ok := b.(io.Closer); ok {
+			errs = append(errs, c.Close())
+		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
-// RawStats are the range reads of the stored blob and their bytes.
+// RawStats are the range reads of the stored blob and of the windows
+// blob, and their bytes.
 func (g *GzipLayer) RawStats() (reads, bytes int64) { return g.rawReads.Load(), g.rawBytes.Load() }
 
 // spanEnd is the uncompressed end of span i.
@@ -277,17 +290,25 @@ func (g *GzipLayer) decode(ctx context.Context, first, last int) ([][]byte, erro
 	if cend <= cstart {
 		return nil, fmt.Errorf("checkpoint %d: compressed range [%d, %d) is empty", first, cstart, cend)
 	}
-	stored := make([]byte, cend-cstart)
-	n, err := g.raw.ReadAt(ctx, stored, cstart)
-	g.rawReads.Add(1)
-	g.rawBytes.Add(int64(n))
-	if n < len(stored) {
-		if err == nil || errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, fmt.Errorf("reading stored bytes [%d, %d): %w", cstart, cend, err)
+	// The window comes from another blob: both reads are made at once.
+	var (
+		window []byte
+		werr   error
+		wdone  = make(chan struct{})
+	)
+	go func() {
+		defer close(wdone)
+		window, werr = g.checkpointWindow(ctx, first)
+	}()
+	stored, err := g.readRaw(ctx, g.raw, cstart, cend-cstart, "stored bytes")
+	<-wdone
+	if err == nil {
+		err = werr
 	}
-	r, err := g.idx.NewReader(first, &sliceReader{b: stored})
+	if err != nil {
+		return nil, err
+	}
+	r, err := g.idx.NewReader(first, window, &sliceReader{b: stored})
 	if err != nil {
 		return nil, err
 	}
@@ -303,6 +324,52 @@ func (g *GzipLayer) decode(ctx context.Context, first, last int) ([][]byte, erro
 		out = append(out, b)
 	}
 	return out, nil
+}
+
+// readRaw reads n bytes at off of b, counted in RawStats.
+func (g *GzipLayer) readRaw(ctx context.Context, b Backend, off, n int64, what string) ([]byte, error) {
+	p := make([]byte, n)
+	got, err := b.ReadAt(ctx, p, off)
+	g.rawReads.Add(1)
+	g.rawBytes.Add(int64(got))
+	if got < len(p) {
+		if err == nil || errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("reading %s [%d, %d): %w", what, off, off+n, err)
+	}
+	return p, nil
+}
+
+// checkpointWindow returns checkpoint i's stored window: its Window, or
+// the bytes of the windows blob at its place, fetched once and kept when
+// they match the table's digest (a window that does not is fetched again
+// next time, so a transient error is not kept either).
+func (g *GzipLayer) checkpointWindow(ctx context.Context, i int) ([]byte, error) {
+	c := &g.idx.Checkpoints[i]
+	if c.Window != nil {
+		return c.Window, nil
+	}
+	g.mu.Lock()
+	w := g.window[i]
+	g.mu.Unlock()
+	if w != nil {
+		return w, nil
+	}
+	if g.windows == nil {
+		return nil, fmt.Errorf("checkpoint %d: no window and no windows blob", i)
+	}
+	w, err := g.readRaw(ctx, g.windows, c.WindowAt, int64(c.WindowStored), fmt.Sprintf("checkpoint %d's window", i))
+	if err != nil {
+		return nil, err
+	}
+	if sha256.Sum256(w) != c.WindowSum {
+		return nil, fmt.Errorf("checkpoint %d's window [%d, +%d) does not match the table's digest", i, c.WindowAt, c.WindowStored)
+	}
+	g.mu.Lock()
+	g.window[i] = w
+	g.mu.Unlock()
+	return w, nil
 }
 
 // sliceReader is a bytes.Reader without the extra API.

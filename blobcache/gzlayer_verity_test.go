@@ -23,11 +23,12 @@ import (
 type verityDevice struct {
 	boot, plainA, plainB []byte
 	gzA                  []byte
-	idxA                 *gzran.Index
+	idxA                 *gzran.Index // as the Indexer made it, windows included
+	tableA               *gzran.Index // as a reader decodes it: windows in windowsA
 	offA, offB, size     int64
 	level1               []byte
 	entries              [2]rafs.BlobEntry
-	rawA, rawB           *memBackend
+	rawA, rawB, windowsA *memBackend
 }
 
 const testSpan = 64 << 10
@@ -90,6 +91,12 @@ func newVerityDevice(t testing.TB) *verityDevice {
 		copy(e.BlobID[:], hex.EncodeToString(s[:]))
 	}
 	d.rawA, d.rawB = &memBackend{data: d.gzA}, &memBackend{data: d.plainB}
+	table, _ := d.idxA.MarshalBinary()
+	d.tableA = new(gzran.Index)
+	if err := d.tableA.UnmarshalBinary(table); err != nil {
+		t.Fatal(err)
+	}
+	d.windowsA = &memBackend{data: d.idxA.Windows()}
 	return d
 }
 
@@ -134,7 +141,7 @@ func (r devReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int,
 // tree (unitSize: the cache unit).
 func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a, b *blobcache.Handle, gl *blobcache.GzipLayer) {
 	t.Helper()
-	gl, err := blobcache.NewGzipLayer(d.rawA, d.idxA)
+	gl, err := blobcache.NewGzipLayer(d.rawA, d.windowsA, d.tableA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,7 +168,8 @@ func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a
 
 // Every byte of both layers reads right through a disk and a memory
 // cache; a cold 4 KiB read of the gzip layer is one stored read of at
-// most one span's compressed bytes (plus the checkpoint's byte).
+// most one span's compressed bytes (plus the checkpoint's byte) and one
+// read of the checkpoint's window.
 func TestVerifiedLayersRead(t *testing.T) {
 	d := newVerityDevice(t)
 	for _, mode := range []string{"disk", "memory"} {
@@ -197,8 +205,9 @@ func TestVerifiedLayersRead(t *testing.T) {
 			if last+1 < len(cps) {
 				limit = (cps[last+1].In+7)/8 + 1 - cps[first].In/8
 			}
-			if reads != 1 || n > limit {
-				t.Fatalf("cold 4 KiB read: %d stored reads, %d bytes (the spans it needs: %d compressed bytes)", reads, n, limit)
+			window := int64(cps[first].WindowStored)
+			if reads != 2 || n > limit+window {
+				t.Fatalf("cold 4 KiB read: %d stored reads, %d bytes (the spans it needs: %d compressed bytes, its window %d)", reads, n, limit, window)
 			}
 			t.Logf("cold 4 KiB read: %d stored read(s), %d bytes of %d", reads, n, len(d.gzA))
 			if got := readAll(t, a, int64(len(d.plainA)), 12345); !bytes.Equal(got, d.plainA) {
@@ -341,4 +350,58 @@ func TestVerifiedBootstrapRefused(t *testing.T) {
 	if err := v.CheckBootstrap(ctx, d.reader(a, b)); !errors.Is(err, blobcache.ErrDigestMismatch) {
 		t.Fatalf("damaged bootstrap: %v", err)
 	}
+}
+
+// A damaged window in the windows blob fails the reads that resume at
+// its checkpoint, and only those; it is not kept, so once the blob reads
+// right again so does the layer; a good window is fetched once.
+func TestGzipLayerWindowDamage(t *testing.T) {
+	d := newVerityDevice(t)
+	cps := d.tableA.Checkpoints
+	k := len(cps) / 2
+	damaged := true
+	d.windowsA.setHook(func(p []byte, off int64) error {
+		if at := cps[k].WindowAt; damaged && at >= off && at < off+int64(len(p)) {
+			p[at-off] ^= 1
+		}
+		return nil
+	})
+	c, err := blobcache.OpenMemory(&blobcache.Options{FetchAttempts: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	a, _, gl := d.open(t, c, 64<<10)
+	buf := make([]byte, 512)
+	at := func(i int) int64 { return cps[i].Out + (d.spanEnd(i)-cps[i].Out)/2/512*512 }
+	if _, err := a.ReadAt(buf, at(k)); err == nil {
+		t.Fatal("a read resuming at the damaged window succeeded")
+	}
+	if _, err := a.ReadAt(buf, at(k-1)); err != nil || !bytes.Equal(buf, d.plainA[at(k-1):at(k-1)+512]) {
+		t.Fatalf("a read at another checkpoint: %v", err)
+	}
+	damaged = false
+	if _, err := a.ReadAt(buf, at(k)); err != nil || !bytes.Equal(buf, d.plainA[at(k):at(k)+512]) {
+		t.Fatalf("after the windows blob was repaired: %v", err)
+	}
+	if got := readAll(t, a, int64(len(d.plainA)), 64<<10); !bytes.Equal(got, d.plainA) {
+		t.Fatal("wrong bytes")
+	}
+	// Every window is kept now: decoding every span again reads none.
+	before := d.windowsA.reads.Load()
+	gl.Forget(0, int64(len(d.plainA)))
+	all := make([]byte, len(d.plainA))
+	if _, err := gl.ReadAt(context.Background(), all, 0); err != nil || !bytes.Equal(all, d.plainA) {
+		t.Fatalf("reading the layer again: %v", err)
+	}
+	if n := d.windowsA.reads.Load() - before; n != 0 {
+		t.Fatalf("%d window reads for windows already fetched", n)
+	}
+}
+
+func (d *verityDevice) spanEnd(i int) int64 {
+	if i+1 < len(d.tableA.Checkpoints) {
+		return d.tableA.Checkpoints[i+1].Out
+	}
+	return int64(len(d.plainA))
 }

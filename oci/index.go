@@ -39,12 +39,19 @@ const (
 	IndexConfigType     = "application/vnd.rafsnbd.index.config.v1+json"
 	IndexBootstrapType  = "application/vnd.rafsnbd.bootstrap.v1+zstd"
 	IndexVerityType     = "application/vnd.rafsnbd.verity.level1.v1"
-	IndexGzipTableType  = "application/vnd.rafsnbd.gzip-index.v1"
+	IndexGzipTableType  = "application/vnd.rafsnbd.gzip-index.v2"
+	IndexGzipWindowType = "application/vnd.rafsnbd.gzip-windows.v1"
 	subjectAnnotation   = "vnd.rafsnbd.index.subject"
 	createdAnnotation   = "org.opencontainers.image.created"
 	verityDataBlockSize = 512 // tarfs EROFS blocks: one verity data block each
 	verityHashBlockSize = 4096
 )
+
+// indexFormat is the layout of the artifact's blobs that this code writes
+// and reads: 2 stores each gzip table's windows in a blob of their own, so
+// that a reader fetches a window when it first needs it (format 1, before
+// the config said, fetched every table whole).
+const indexFormat = 2
 
 // IndexOptions control Index.
 type IndexOptions struct {
@@ -62,6 +69,9 @@ type IndexOptions struct {
 // IndexConfig is the artifact's config blob: what the read side needs
 // besides the blobs it names.
 type IndexConfig struct {
+	// Format is indexFormat; an artifact of another format is not reused
+	// by index nor read.
+	Format   int          `json:"format"`
 	Manifest string       `json:"manifest"` // the image manifest digest (the subject)
 	Span     int64        `json:"span"`
 	Verity   IndexVerity  `json:"verity"`
@@ -107,9 +117,12 @@ type IndexLayer struct {
 	MediaType        string `json:"media_type"`
 	Size             int64  `json:"size"`
 	UncompressedSize int64  `json:"uncompressed_size"`
-	// Table is the artifact layer holding the gzip checkpoint table, -1
-	// for an uncompressed layer (read directly).
-	Table int `json:"table"`
+	// Table is the artifact layer holding the gzip checkpoint table, and
+	// Windows the one holding its checkpoints' windows (read by range, a
+	// window when a reader first resumes at its checkpoint); -1 for an
+	// uncompressed layer (read directly).
+	Table   int `json:"table"`
+	Windows int `json:"windows"`
 }
 
 // IndexResult is what Index did.
@@ -150,7 +163,7 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 	if opts.Prefetch.empty() {
 		opts.Prefetch = nil
 	}
-	want := artifactKey{span: span, compat: opts.VerityCompat.String(), prefetch: prefetchKey(opts.Prefetch)}
+	want := artifactKey{format: indexFormat, span: span, compat: opts.VerityCompat.String(), prefetch: prefetchKey(opts.Prefetch)}
 	if found, err := pub.find(ctx, img.manifestDigest, want); err != nil {
 		return nil, fmt.Errorf("oci: %s: looking for an index: %w", img.source, err)
 	} else if found != nil {
@@ -165,7 +178,7 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 	defer os.RemoveAll(tmp)
 	var removals sync.WaitGroup
 	defer removals.Wait() // before RemoveAll
-	cfg := IndexConfig{Manifest: img.manifestDigest.String(), Span: span, Prefetch: opts.Prefetch}
+	cfg := IndexConfig{Format: indexFormat, Manifest: img.manifestDigest.String(), Span: span, Prefetch: opts.Prefetch}
 	var blobs []artifactBlob
 	leaves := make(map[string][][]byte) // diff_id hex → digests of its 512-byte blocks, in chunks
 	boots := make([]string, len(img.layers))
@@ -187,10 +200,15 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 			}
 			return nil
 		})
-		il.Table = -1
+		il.Table, il.Windows = -1, -1
 		if table != nil {
-			il.Table = 2 + len(blobs) // after the bootstrap and the verity digests
-			blobs = append(blobs, artifactBlob{mt: IndexGzipTableType, data: table})
+			rawTable, err := table.MarshalBinary()
+			if err != nil {
+				builds.Wait()
+				return nil, err
+			}
+			il.Table, il.Windows = 2+len(blobs), 3+len(blobs) // after the bootstrap and the verity digests
+			blobs = append(blobs, artifactBlob{mt: IndexGzipTableType, data: rawTable}, artifactBlob{mt: IndexGzipWindowType, data: table.Windows()})
 		}
 		cfg.Layers = append(cfg.Layers, *il)
 		leaves[l.diffID.Hex] = leaf
@@ -255,7 +273,7 @@ func zstdBytes(b []byte) ([]byte, error) {
 // tar (in chunks) and buildBoot, which builds the layer bootstrap
 // (dir/<diffid>.boot) from the skeleton and removes it in the background
 // (counted in removals); buildBoot must be called once when err is nil.
-func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string, removals *sync.WaitGroup) (_ *IndexLayer, _ []byte, _ [][]byte, buildBoot func(context.Context) error, err error) {
+func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string, removals *sync.WaitGroup) (_ *IndexLayer, _ *gzran.Index, _ [][]byte, buildBoot func(context.Context) error, err error) {
 	il, table, leaves, skel, err := streamLayer(ctx, src, l, span, dir)
 	if err != nil {
 		return nil, nil, nil, nil, err
@@ -290,7 +308,7 @@ func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir st
 
 // streamLayer is indexLayer's pass over the layer's bytes. It returns the
 // skeleton, truncated to the tar's size, open.
-func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (_ *IndexLayer, _ []byte, _ [][]byte, _ *os.File, err error) {
+func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (_ *IndexLayer, _ *gzran.Index, _ [][]byte, _ *os.File, err error) {
 	rc, err := src.blob(ctx, l.digest)
 	if err != nil {
 		return nil, nil, nil, nil, err
@@ -372,13 +390,9 @@ func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir s
 	}
 	il := &IndexLayer{Digest: l.digest.String(), DiffID: l.diffID.String(), MediaType: string(l.mediaType),
 		Size: l.size, UncompressedSize: ls.n}
-	var table []byte
+	var table *gzran.Index
 	if gz != nil {
-		idx, err := gz.Index()
-		if err != nil {
-			return nil, nil, nil, nil, err
-		}
-		if table, err = idx.MarshalBinary(); err != nil {
+		if table, err = gz.Index(); err != nil {
 			return nil, nil, nil, nil, err
 		}
 	}
@@ -580,6 +594,7 @@ func checkPrefetchFiles(boot []byte, p *IndexPrefetch) error {
 
 // artifactKey is what makes two indexes of one image the same.
 type artifactKey struct {
+	format   int
 	span     int64
 	compat   string
 	prefetch string
@@ -658,7 +673,7 @@ func (r rawManifest) MediaType() (types.MediaType, error) { return types.OCIMani
 // made with the parameters want asks for (nil when not).
 func wantedArtifact(img v1.Image, digest v1.Hash, want artifactKey) (*foundArtifact, error) {
 	found, cfg, err := describeArtifact(img, digest)
-	if err != nil || (artifactKey{cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) != want {
+	if err != nil || (artifactKey{cfg.Format, cfg.Span, cfg.Verity.Compat, prefetchKey(cfg.Prefetch)}) != want {
 		return nil, err
 	}
 	return found, nil

@@ -217,7 +217,8 @@ type artifact struct {
 	cfg       IndexConfig
 	bootstrap []byte
 	level1    []byte
-	tables    map[int][]byte // artifact layer → gzip table
+	tables    map[int]*gzran.Index  // artifact layer → gzip table (windows apart)
+	windows   map[int]v1.Descriptor // artifact layer → the blob of a table's windows
 	root      string
 }
 
@@ -333,7 +334,7 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		string(m.Layers[0].MediaType) != IndexBootstrapType || string(m.Layers[1].MediaType) != IndexVerityType {
 		return nil, errors.New("not an index artifact of this image")
 	}
-	a := &artifact{digest: d, tables: map[int][]byte{}}
+	a := &artifact{digest: d, tables: map[int]*gzran.Index{}, windows: map[int]v1.Descriptor{}}
 	rawCfg, err := src.blob(ctx, m.Config, maxIndexConfig)
 	if err != nil {
 		return nil, err
@@ -343,6 +344,9 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 	}
 	if a.cfg.Manifest != img.manifestDigest.String() {
 		return nil, fmt.Errorf("config names manifest %s", a.cfg.Manifest)
+	}
+	if a.cfg.Format != indexFormat {
+		return nil, fmt.Errorf("index format %d, this rafsnbd reads %d (run rafsnbd index again)", a.cfg.Format, indexFormat)
 	}
 	zboot, err := src.blob(ctx, m.Layers[0], maxIndexBlob)
 	if err != nil {
@@ -388,12 +392,25 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		if l.Table < 0 {
 			continue
 		}
-		if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexGzipTableType {
-			return nil, fmt.Errorf("layer %d: checkpoint table %d is not in the artifact", i, l.Table)
+		if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexGzipTableType ||
+			l.Windows < 2 || l.Windows >= len(m.Layers) || string(m.Layers[l.Windows].MediaType) != IndexGzipWindowType {
+			return nil, fmt.Errorf("layer %d: checkpoint table %d or its windows %d are not in the artifact", i, l.Table, l.Windows)
 		}
-		if a.tables[l.Table], err = src.blob(ctx, m.Layers[l.Table], maxIndexBlob); err != nil {
+		raw, err := src.blob(ctx, m.Layers[l.Table], maxIndexBlob)
+		if err != nil {
 			return nil, err
 		}
+		idx := new(gzran.Index)
+		if err := idx.UnmarshalBinary(raw); err != nil {
+			return nil, fmt.Errorf("layer %d: %w", i, err)
+		}
+		if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
+			return nil, fmt.Errorf("layer %d: checkpoint table for %d/%d bytes, the layer has %d/%d", i, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
+		}
+		if w := m.Layers[l.Windows]; w.Size != idx.WindowsSize() {
+			return nil, fmt.Errorf("layer %d: its windows blob has %d bytes, its table says %d", i, w.Size, idx.WindowsSize())
+		}
+		a.tables[l.Table], a.windows[l.Table] = idx, m.Layers[l.Windows]
 	}
 	return a, nil
 }
@@ -443,19 +460,23 @@ func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIn
 			return nil, err
 		}
 		if l.Table >= 0 {
-			var idx gzran.Index
-			if err := idx.UnmarshalBinary(a.tables[l.Table]); err != nil {
-				closeAll()
-				return nil, fmt.Errorf("layer %s: %w", l.Digest, err)
+			// The windows are the artifact's, in the image's repository
+			// (or layout) like the layers.
+			windows, err := raws.Open(ctx, a.windows[l.Table].Digest.Hex)
+			var gl *blobcache.GzipLayer
+			if err == nil {
+				gl, err = blobcache.NewGzipLayer(raw, windows, a.tables[l.Table])
 			}
-			if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
-				closeAll()
-				return nil, fmt.Errorf("layer %s: checkpoint table for %d/%d bytes, the layer has %d/%d", l.Digest, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
-			}
-			if raw, err = blobcache.NewGzipLayer(raw, &idx); err != nil {
+			if err != nil {
+				for _, b := range []blobcache.Backend{raw, windows} {
+					if c, ok := b.(io.Closer); ok {
+						c.Close()
+					}
+				}
 				closeAll()
 				return nil, err
 			}
+			raw = gl
 		} else if l.Size != l.UncompressedSize {
 			closeAll()
 			return nil, fmt.Errorf("layer %s: uncompressed, but %d stored bytes for %d", l.Digest, l.Size, l.UncompressedSize)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"testing/iotest"
 
@@ -80,9 +81,13 @@ func index(t testing.TB, z, want []byte, span int64, r func(io.Reader) io.Reader
 func checkResume(t testing.TB, idx *Index, z, want []byte, limit int) {
 	t.Helper()
 	b, _ := idx.MarshalBinary()
+	windows := idx.Windows()
 	var back Index
 	if err := back.UnmarshalBinary(b); err != nil {
 		t.Fatalf("unmarshal: %v", err)
+	}
+	if back.WindowsSize() != int64(len(windows)) {
+		t.Fatalf("table says %d bytes of windows, there are %d", back.WindowsSize(), len(windows))
 	}
 	step := 1
 	if limit > 0 && len(back.Checkpoints) > limit {
@@ -90,7 +95,7 @@ func checkResume(t testing.TB, idx *Index, z, want []byte, limit int) {
 	}
 	for i := 0; i < len(back.Checkpoints); i += step {
 		c := back.Checkpoints[i]
-		r, err := back.NewReader(i, bytes.NewReader(z[c.In/8:]))
+		r, err := back.NewReader(i, windows[c.WindowAt:c.WindowAt+int64(c.WindowStored)], bytes.NewReader(z[c.In/8:]))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -160,6 +165,26 @@ func TestErrors(t *testing.T) {
 	_, err = io.ReadAll(NewIndexer(iotest.ErrReader(errors.New("disk on fire")), 0))
 	if err == nil || err.Error() != "disk on fire" {
 		t.Errorf("source error: %v", err)
+	}
+}
+
+// A window that is not the one the table names (another checkpoint's, a
+// changed byte, a short read) is refused before inflation starts.
+func TestWrongWindowRefused(t *testing.T) {
+	data := testData(4, 1<<20)
+	z := gz(t, data, 6)
+	idx := index(t, z, data, 128<<10, func(r io.Reader) io.Reader { return r })
+	if len(idx.Checkpoints) < 3 {
+		t.Fatalf("%d checkpoints", len(idx.Checkpoints))
+	}
+	c := idx.Checkpoints[2]
+	flipped := bytes.Clone(c.Window)
+	flipped[len(flipped)/2] ^= 1
+	for name, w := range map[string][]byte{"another checkpoint's": idx.Checkpoints[1].Window, "flipped": flipped,
+		"short": c.Window[:len(c.Window)-1], "none": nil} {
+		if _, err := idx.NewReader(2, w, bytes.NewReader(z[c.In/8:])); err == nil || !strings.Contains(err.Error(), "does not match the index") {
+			t.Errorf("%s window: %v", name, err)
+		}
 	}
 }
 

@@ -21,6 +21,7 @@
 package gzran
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -43,10 +44,17 @@ const DefaultSpan = 1 << 20
 
 // Checkpoint is a place inflation can resume.
 type Checkpoint struct {
-	In        int64  // bit offset of a DEFLATE block header in the compressed stream
-	Out       int64  // uncompressed offset there
-	WindowLen int    // bytes of output before Out that the window holds (≤ WindowSize)
-	Window    []byte // those bytes, zstd-compressed
+	In        int64 // bit offset of a DEFLATE block header in the compressed stream
+	Out       int64 // uncompressed offset there
+	WindowLen int   // bytes of output before Out that the window holds (≤ WindowSize)
+	// Window is those bytes, zstd-compressed, as the Indexer made them. An
+	// index read back by UnmarshalBinary has no windows (they are stored
+	// apart, see Windows) but where each lies in the windows blob and its
+	// digest, so that a reader fetches only the windows it resumes at.
+	Window       []byte
+	WindowAt     int64             // offset in the windows blob
+	WindowStored int               // compressed bytes of the window
+	WindowSum    [sha256.Size]byte // sha256 of them
 }
 
 // Index is the checkpoint table of one gzip stream.
@@ -101,8 +109,13 @@ func (x *Indexer) atBlock(bitOff, outOff int64) {
 	}
 	f := x.f
 	w := f.out[max(0, f.op-WindowSize):f.op]
-	x.idx.Checkpoints = append(cps, Checkpoint{In: bitOff, Out: outOff, WindowLen: len(w),
-		Window: zenc().EncodeAll(w, make([]byte, 0, len(w)/2))})
+	c := Checkpoint{In: bitOff, Out: outOff, WindowLen: len(w), Window: zenc().EncodeAll(w, make([]byte, 0, len(w)/2))}
+	if len(cps) > 0 {
+		last := &cps[len(cps)-1]
+		c.WindowAt = last.WindowAt + int64(last.WindowStored)
+	}
+	c.WindowStored, c.WindowSum = len(c.Window), sha256.Sum256(c.Window)
+	x.idx.Checkpoints = append(cps, c)
 }
 
 // Read returns uncompressed bytes.
@@ -135,9 +148,13 @@ func (idx *Index) Find(off int64) int {
 	return max(0, i-1)
 }
 
-// RawWindow decompresses the checkpoint's window.
-func (c *Checkpoint) RawWindow() ([]byte, error) {
-	w, err := zdec().DecodeAll(c.Window, make([]byte, 0, c.WindowLen))
+// rawWindow checks stored, the checkpoint's window as stored, against
+// the index and decompresses it.
+func (c *Checkpoint) rawWindow(stored []byte) ([]byte, error) {
+	if len(stored) != c.WindowStored || sha256.Sum256(stored) != c.WindowSum {
+		return nil, errors.New("gzran: checkpoint window does not match the index (changed or misplaced)")
+	}
+	w, err := zdec().DecodeAll(stored, make([]byte, 0, c.WindowLen))
 	if err != nil {
 		return nil, fmt.Errorf("gzran: checkpoint window: %w", err)
 	}
@@ -147,17 +164,19 @@ func (c *Checkpoint) RawWindow() ([]byte, error) {
 	return w, nil
 }
 
-// NewReader resumes inflation at checkpoint i: r must yield the
-// compressed stream from byte Checkpoints[i].In/8 on. The reader returns
-// the uncompressed stream from Checkpoints[i].Out to the end of the gzip
+// NewReader resumes inflation at checkpoint i: window is the checkpoint's
+// window as stored (its Window, or the bytes of the windows blob at its
+// WindowAt; checked against WindowSum), and r must yield the compressed
+// stream from byte Checkpoints[i].In/8 on. The reader returns the
+// uncompressed stream from Checkpoints[i].Out to the end of the gzip
 // stream (later members included). The member it starts in has no CRC
 // check (its beginning is not read): callers verify the bytes otherwise.
-func (idx *Index) NewReader(i int, r io.Reader) (io.Reader, error) {
+func (idx *Index) NewReader(i int, window []byte, r io.Reader) (io.Reader, error) {
 	if i < 0 || i >= len(idx.Checkpoints) {
 		return nil, fmt.Errorf("gzran: no checkpoint %d of %d", i, len(idx.Checkpoints))
 	}
 	c := &idx.Checkpoints[i]
-	w, err := c.RawWindow()
+	w, err := c.rawWindow(window)
 	if err != nil {
 		return nil, err
 	}
@@ -171,14 +190,37 @@ func (idx *Index) NewReader(i int, r io.Reader) (io.Reader, error) {
 	return f, nil
 }
 
-const magic = "rafsgzi1"
+// Windows returns the windows blob: every checkpoint's window, in order,
+// each at its WindowAt. It is stored apart from the table (MarshalBinary)
+// because a reader needs only the windows of the checkpoints it resumes
+// at, while the table is small and read whole.
+func (idx *Index) Windows() []byte {
+	var b []byte
+	for _, c := range idx.Checkpoints {
+		b = append(b, c.Window...)
+	}
+	return b
+}
+
+// WindowsSize is the size of the windows blob.
+func (idx *Index) WindowsSize() int64 {
+	if n := len(idx.Checkpoints); n > 0 {
+		return idx.Checkpoints[n-1].WindowAt + int64(idx.Checkpoints[n-1].WindowStored)
+	}
+	return 0
+}
+
+const magic = "rafsgzi2"
 
 // Limits on an index read back, so that a hostile one cannot make
 // Unmarshal allocate without bound.
-const maxCheckpoints = 1 << 24
+const (
+	maxCheckpoints  = 1 << 24
+	maxStoredWindow = 2 * WindowSize // zstd never stores 32 KiB in more than a few bytes over it
+)
 
-// MarshalBinary encodes the index compactly (varint deltas, windows as
-// stored).
+// MarshalBinary encodes the table compactly (varint deltas, and each
+// window's stored size and sha256); the windows themselves are Windows.
 func (idx *Index) MarshalBinary() ([]byte, error) {
 	b := []byte(magic)
 	b = binary.AppendUvarint(b, uint64(idx.Span))
@@ -190,16 +232,16 @@ func (idx *Index) MarshalBinary() ([]byte, error) {
 		b = binary.AppendUvarint(b, uint64(c.In-in))
 		b = binary.AppendUvarint(b, uint64(c.Out-out))
 		b = binary.AppendUvarint(b, uint64(c.WindowLen))
-		b = binary.AppendUvarint(b, uint64(len(c.Window)))
-		b = append(b, c.Window...)
+		b = binary.AppendUvarint(b, uint64(c.WindowStored))
+		b = append(b, c.WindowSum[:]...)
 		in, out = c.In, c.Out
 	}
 	return b, nil
 }
 
-// UnmarshalBinary decodes an index and checks that it is consistent:
+// UnmarshalBinary decodes a table and checks that it is consistent:
 // checkpoints in order, inside the stream, windows no longer than the
-// output before them.
+// output before them. The checkpoints have no Window: see NewReader.
 func (idx *Index) UnmarshalBinary(b []byte) error {
 	bad := func(what string) error { return fmt.Errorf("gzran: bad index: %s", what) }
 	if len(b) < len(magic) || string(b[:len(magic)]) != magic {
@@ -225,13 +267,13 @@ func (idx *Index) UnmarshalBinary(b []byte) error {
 		return bad("truncated header")
 	}
 	x.Checkpoints = make([]Checkpoint, 0, n)
-	var in, out int64
+	var in, out, at int64
 	for i := range n {
 		di, ok1 := next()
 		do, ok2 := next()
 		wl, ok3 := next()
-		cl, ok4 := next()
-		if !ok1 || !ok2 || !ok3 || !ok4 || cl > int64(len(b)) {
+		ws, ok4 := next()
+		if !ok1 || !ok2 || !ok3 || !ok4 || len(b) < sha256.Size {
 			return bad(fmt.Sprintf("checkpoint %d truncated", i))
 		}
 		in, out = in+di, out+do
@@ -239,8 +281,14 @@ func (idx *Index) UnmarshalBinary(b []byte) error {
 			(i == 0 && out != 0) || (i > 0 && (di == 0 || do == 0)) {
 			return bad(fmt.Sprintf("checkpoint %d out of place", i))
 		}
-		x.Checkpoints = append(x.Checkpoints, Checkpoint{In: in, Out: out, WindowLen: int(wl), Window: b[:cl:cl]})
-		b = b[cl:]
+		if ws > maxStoredWindow {
+			return bad(fmt.Sprintf("checkpoint %d: a %d-byte stored window", i, ws))
+		}
+		c := Checkpoint{In: in, Out: out, WindowLen: int(wl), WindowAt: at, WindowStored: int(ws)}
+		copy(c.WindowSum[:], b)
+		b = b[sha256.Size:]
+		x.Checkpoints = append(x.Checkpoints, c)
+		at += ws
 	}
 	if len(b) != 0 {
 		return bad("trailing bytes")
