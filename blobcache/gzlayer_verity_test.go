@@ -139,7 +139,7 @@ func (r devReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int,
 
 // open returns the handles of both blobs through c, checked against the
 // tree (unitSize: the cache unit).
-func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a, b *blobcache.Handle, gl *blobcache.GzipLayer) {
+func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a, b *blobcache.Handle, gl *blobcache.SpanLayer) {
 	t.Helper()
 	gl, err := blobcache.NewGzipLayer(d.rawA, d.windowsA, d.tableA)
 	if err != nil {

@@ -463,7 +463,7 @@ func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIn
 			// The windows are the artifact's, in the image's repository
 			// (or layout) like the layers.
 			windows, err := raws.Open(ctx, a.windows[l.Table].Digest.Hex)
-			var gl *blobcache.GzipLayer
+			var gl *blobcache.SpanLayer
 			if err == nil {
 				gl, err = blobcache.NewGzipLayer(raw, windows, a.tables[l.Table])
 			}
