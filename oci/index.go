@@ -25,8 +25,10 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/internal/ctxio"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
+	"github.com/rafsnbd/rafsnbd/internal/zstdran"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/rafs/build"
 	"github.com/rafsnbd/rafsnbd/verity"
@@ -41,6 +43,7 @@ const (
 	IndexVerityType     = "application/vnd.rafsnbd.verity.level1.v1"
 	IndexGzipTableType  = "application/vnd.rafsnbd.gzip-index.v2"
 	IndexGzipWindowType = "application/vnd.rafsnbd.gzip-windows.v1"
+	IndexZstdTableType  = "application/vnd.rafsnbd.zstd-index.v1"
 	subjectAnnotation   = "vnd.rafsnbd.index.subject"
 	createdAnnotation   = "org.opencontainers.image.created"
 	verityDataBlockSize = 512 // tarfs EROFS blocks: one verity data block each
@@ -117,10 +120,11 @@ type IndexLayer struct {
 	MediaType        string `json:"media_type"`
 	Size             int64  `json:"size"`
 	UncompressedSize int64  `json:"uncompressed_size"`
-	// Table is the artifact layer holding the gzip checkpoint table, and
-	// Windows the one holding its checkpoints' windows (read by range, a
-	// window when a reader first resumes at its checkpoint); -1 for an
-	// uncompressed layer (read directly).
+	// Table is the artifact layer holding the checkpoint table (gzip or
+	// zstd, as MediaType says), and Windows the one holding a gzip table's
+	// checkpoints' windows (read by range, a window when a reader first
+	// resumes at its checkpoint; -1 for zstd, whose checkpoints are frame
+	// starts); both -1 for an uncompressed layer (read directly).
 	Table   int `json:"table"`
 	Windows int `json:"windows"`
 }
@@ -189,7 +193,7 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 	builds, bctx := errgroup.WithContext(ctx)
 	builds.SetLimit(1)
 	for i, l := range img.layers {
-		il, table, leaf, buildBoot, err := indexLayer(ctx, src, l, cfg.Span, tmp, &removals)
+		il, tables, leaf, buildBoot, err := indexLayer(ctx, src, l, cfg.Span, tmp, &removals)
 		if err != nil {
 			builds.Wait()
 			return nil, fmt.Errorf("oci: layer %d (%s): %w", l.index, l.digest, err)
@@ -201,14 +205,14 @@ func Index(ctx context.Context, ref string, opts IndexOptions) (*IndexResult, er
 			return nil
 		})
 		il.Table, il.Windows = -1, -1
-		if table != nil {
-			rawTable, err := table.MarshalBinary()
-			if err != nil {
-				builds.Wait()
-				return nil, err
+		for _, b := range tables {
+			at := 2 + len(blobs) // after the bootstrap and the verity digests
+			if b.mt == IndexGzipWindowType {
+				il.Windows = at
+			} else {
+				il.Table = at
 			}
-			il.Table, il.Windows = 2+len(blobs), 3+len(blobs) // after the bootstrap and the verity digests
-			blobs = append(blobs, artifactBlob{mt: IndexGzipTableType, data: rawTable}, artifactBlob{mt: IndexGzipWindowType, data: table.Windows()})
+			blobs = append(blobs, b)
 		}
 		cfg.Layers = append(cfg.Layers, *il)
 		leaves[l.diffID.Hex] = leaf
@@ -268,13 +272,15 @@ func zstdBytes(b []byte) ([]byte, error) {
 }
 
 // indexLayer streams one layer: it checks the blob's digest and the tar's
-// diff_id, records gzip checkpoints, writes the tar's headers into a
-// sparse skeleton, and returns the sha256 of every 512-byte block of the
-// tar (in chunks) and buildBoot, which builds the layer bootstrap
-// (dir/<diffid>.boot) from the skeleton and removes it in the background
-// (counted in removals); buildBoot must be called once when err is nil.
-func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string, removals *sync.WaitGroup) (_ *IndexLayer, _ *gzran.Index, _ [][]byte, buildBoot func(context.Context) error, err error) {
-	il, table, leaves, skel, err := streamLayer(ctx, src, l, span, dir)
+// diff_id, records gzip or zstd checkpoints (returned as the artifact
+// blobs of the layer's table: none for an uncompressed layer), writes the
+// tar's headers into a sparse skeleton, and returns the sha256 of every
+// 512-byte block of the tar (in chunks) and buildBoot, which builds the
+// layer bootstrap (dir/<diffid>.boot) from the skeleton and removes it in
+// the background (counted in removals); buildBoot must be called once when
+// err is nil.
+func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir string, removals *sync.WaitGroup) (_ *IndexLayer, tables []artifactBlob, _ [][]byte, buildBoot func(context.Context) error, err error) {
+	il, tables, leaves, skel, err := streamLayer(ctx, src, l, span, dir)
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
@@ -303,12 +309,12 @@ func indexLayer(ctx context.Context, src source, l layerDesc, span int64, dir st
 		}
 		return boot.Close()
 	}
-	return il, table, leaves, buildBoot, nil
+	return il, tables, leaves, buildBoot, nil
 }
 
 // streamLayer is indexLayer's pass over the layer's bytes. It returns the
 // skeleton, truncated to the tar's size, open.
-func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (_ *IndexLayer, _ *gzran.Index, _ [][]byte, _ *os.File, err error) {
+func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir string) (_ *IndexLayer, _ []artifactBlob, _ [][]byte, _ *os.File, err error) {
 	rc, err := src.blob(ctx, l.digest)
 	if err != nil {
 		return nil, nil, nil, nil, err
@@ -320,6 +326,7 @@ func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir s
 	var (
 		stream io.Reader
 		gz     *gzran.Indexer
+		zs     *zstdran.Indexer
 	)
 	switch l.mediaType {
 	case types.OCILayer, types.OCIRestrictedLayer, types.DockerLayer, types.DockerForeignLayer:
@@ -328,8 +335,9 @@ func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir s
 	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, types.DockerUncompressedLayer:
 		stream = dl
 	case types.OCILayerZStd:
-		// TODO(issue 12): frame boundaries of multi-frame zstd layers.
-		return nil, nil, nil, nil, errors.New("a zstd layer cannot be read lazily (only gzip and uncompressed layers can be indexed)")
+		zs = zstdran.NewIndexer(dl, span)
+		defer zs.Close()
+		stream = zs
 	default:
 		return nil, nil, nil, nil, fmt.Errorf("unsupported layer media type %q", l.mediaType)
 	}
@@ -390,13 +398,56 @@ func streamLayer(ctx context.Context, src source, l layerDesc, span int64, dir s
 	}
 	il := &IndexLayer{Digest: l.digest.String(), DiffID: l.diffID.String(), MediaType: string(l.mediaType),
 		Size: l.size, UncompressedSize: ls.n}
-	var table *gzran.Index
-	if gz != nil {
-		if table, err = gz.Index(); err != nil {
+	var tables []artifactBlob
+	switch {
+	case gz != nil:
+		table, err := gz.Index()
+		if err != nil {
 			return nil, nil, nil, nil, err
 		}
+		raw, err := table.MarshalBinary()
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		tables = []artifactBlob{{mt: IndexGzipTableType, data: raw}, {mt: IndexGzipWindowType, data: table.Windows()}}
+	case zs != nil:
+		table, err := zs.Index()
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		if err := zstdLazy(table); err != nil {
+			return nil, nil, nil, nil, err
+		}
+		raw, err := table.MarshalBinary()
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		tables = []artifactBlob{{mt: IndexZstdTableType, data: raw}}
 	}
-	return il, table, leaves.leaves(), skel, nil
+	return il, tables, leaves.leaves(), skel, nil
+}
+
+// zstdLazy checks that a zstd layer can be read by range: a zstd decoder
+// resumes only at a frame start, so a layer of one frame (what `zstd` and
+// most image builders write) would be decoded from its start for every
+// read, and a layer with frames larger than blobcache.MaxZstdSpan would
+// make every read decode and hold that much.
+func zstdLazy(idx *zstdran.Index) error {
+	cps := idx.Checkpoints
+	if (idx.Frames <= 1 || len(cps) == 1) && idx.UncompressedSize > idx.Span {
+		return errors.New("a zstd layer of one frame cannot be read lazily (recompress it in frames, e.g. zstd:chunked, or use rafsnbd convert)")
+	}
+	for i := range cps {
+		end := idx.UncompressedSize
+		if i+1 < len(cps) {
+			end = cps[i+1].Out
+		}
+		if n := end - cps[i].Out; n > blobcache.MaxZstdSpan {
+			return fmt.Errorf("a zstd layer cannot be read lazily with %d bytes between checkpoints (from offset %d; at most %d MiB: recompress it in smaller frames, index it with a smaller span, or use rafsnbd convert)",
+				n, cps[i].Out, blobcache.MaxZstdSpan>>20)
+		}
+	}
+	return nil
 }
 
 // discard reads r to its end through buf.

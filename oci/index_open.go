@@ -18,12 +18,14 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/blobcache/registry"
 	"github.com/rafsnbd/rafsnbd/internal/atomicfile"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
+	"github.com/rafsnbd/rafsnbd/internal/zstdran"
 	"github.com/rafsnbd/rafsnbd/rafs"
 	"github.com/rafsnbd/rafsnbd/verity"
 )
@@ -58,7 +60,7 @@ const DefaultLazyUnitSize = blobcache.VerityGroupSize
 
 // IndexedImage is an image read lazily through the index artifact that
 // 'rafsnbd index' published beside it (issue 12): its merged bootstrap,
-// and a blob store whose layers are read by range (through the gzip
+// and a blob store whose layers are read by range (through the gzip or zstd
 // checkpoints) and checked against the verity tree of the merged device.
 type IndexedImage struct {
 	Ref            string
@@ -217,8 +219,9 @@ type artifact struct {
 	cfg       IndexConfig
 	bootstrap []byte
 	level1    []byte
-	tables    map[int]*gzran.Index  // artifact layer → gzip table (windows apart)
-	windows   map[int]v1.Descriptor // artifact layer → the blob of a table's windows
+	tables    map[int]*gzran.Index   // artifact layer → gzip table (windows apart)
+	windows   map[int]v1.Descriptor  // artifact layer → the blob of a table's windows
+	zstd      map[int]*zstdran.Index // artifact layer → zstd table
 	root      string
 }
 
@@ -334,7 +337,7 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		string(m.Layers[0].MediaType) != IndexBootstrapType || string(m.Layers[1].MediaType) != IndexVerityType {
 		return nil, errors.New("not an index artifact of this image")
 	}
-	a := &artifact{digest: d, tables: map[int]*gzran.Index{}, windows: map[int]v1.Descriptor{}}
+	a := &artifact{digest: d, tables: map[int]*gzran.Index{}, windows: map[int]v1.Descriptor{}, zstd: map[int]*zstdran.Index{}}
 	rawCfg, err := src.blob(ctx, m.Config, maxIndexConfig)
 	if err != nil {
 		return nil, err
@@ -388,6 +391,24 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		il := img.layers[i]
 		if l.Digest != il.digest.String() || l.DiffID != il.diffID.String() || l.Size != il.size || l.MediaType != string(il.mediaType) {
 			return nil, fmt.Errorf("layer %d is %s (%s), the image's is %s (%s)", i, l.Digest, l.DiffID, il.digest, il.diffID)
+		}
+		if l.MediaType == string(types.OCILayerZStd) {
+			if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexZstdTableType || l.Windows != -1 {
+				return nil, fmt.Errorf("layer %d: zstd checkpoint table %d is not in the artifact", i, l.Table)
+			}
+			raw, err := src.blob(ctx, m.Layers[l.Table], maxIndexBlob)
+			if err != nil {
+				return nil, err
+			}
+			idx := new(zstdran.Index)
+			if err := idx.UnmarshalBinary(raw); err != nil {
+				return nil, fmt.Errorf("layer %d: %w", i, err)
+			}
+			if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
+				return nil, fmt.Errorf("layer %d: zstd checkpoint table for %d/%d bytes, the layer has %d/%d", i, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
+			}
+			a.zstd[l.Table] = idx
+			continue
 		}
 		if l.Table < 0 {
 			continue
@@ -459,7 +480,17 @@ func (a *artifact) open(ctx context.Context, src source, img *image, opts OpenIn
 			closeAll()
 			return nil, err
 		}
-		if l.Table >= 0 {
+		if zt := a.zstd[l.Table]; zt != nil {
+			zl, err := blobcache.NewZstdLayer(raw, zt)
+			if err != nil {
+				if c, ok := raw.(io.Closer); ok {
+					c.Close()
+				}
+				closeAll()
+				return nil, fmt.Errorf("layer %s: %w", l.Digest, err)
+			}
+			raw = zl
+		} else if l.Table >= 0 {
 			// The windows are the artifact's, in the image's repository
 			// (or layout) like the layers.
 			windows, err := raws.Open(ctx, a.windows[l.Table].Digest.Hex)
