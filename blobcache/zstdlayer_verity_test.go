@@ -179,3 +179,17 @@ func TestZstdLayerDamage(t *testing.T) {
 	}
 	t.Logf("%d units good, %d failed", good, failed)
 }
+
+// A table whose spans are larger than MaxZstdSpan (frames too large, or a
+// table that lies) is refused rather than decoded and held whole.
+func TestZstdLayerSpanTooLarge(t *testing.T) {
+	idx := &zstdran.Index{Span: 1 << 20, CompressedSize: 1 << 20, UncompressedSize: 3 * blobcache.MaxZstdSpan, Frames: 3,
+		Checkpoints: []zstdran.Checkpoint{{}, {In: 1000, Out: blobcache.MaxZstdSpan}, {In: 2000, Out: blobcache.MaxZstdSpan + 1<<20}}}
+	if _, err := blobcache.NewZstdLayer(&memBackend{}, idx); err == nil {
+		t.Fatal("a span larger than MaxZstdSpan was accepted")
+	}
+	idx.Checkpoints[2].Out = 2 * blobcache.MaxZstdSpan
+	if _, err := blobcache.NewZstdLayer(&memBackend{}, idx); err != nil {
+		t.Fatalf("spans of MaxZstdSpan: %v", err)
+	}
+}
