@@ -24,7 +24,7 @@ const (
 
 // VerityExtent is one blob of a composed tarfs image device: its blob id,
 // its place on the device (mapped_blkaddr, its whole blocks) and its
-// uncompressed bytes, unchecked (for instance a GzipLayer).
+// uncompressed bytes, unchecked (for instance a SpanLayer).
 type VerityExtent struct {
 	ID             string
 	Offset, Length int64
@@ -191,7 +191,7 @@ func (b *verifiedBlob) VerifyID() [32]byte {
 }
 
 // forgetter is implemented by raw backends that keep decoded bytes
-// (GzipLayer): bytes that failed a check are dropped, so a retry reads
+// (SpanLayer): bytes that failed a check are dropped, so a retry reads
 // them again.
 type forgetter interface{ Forget(off, n int64) }
 

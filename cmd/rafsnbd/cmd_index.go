@@ -22,8 +22,9 @@ func init() {
 			ArgsUsage: "REF",
 			Description: `Reads each layer of the image REF once as a stream (never storing it) and
 makes: the layer's tarfs bootstrap and the merged image bootstrap (as convert
-does), a checkpoint table per gzip layer (every --span of uncompressed data,
-a place inflation can resume), and the dm-verity tree of the merged image
+does), a checkpoint table per compressed layer (every --span of
+uncompressed data, a place decompression can resume: a gzip block boundary
+with its 32 KiB window, or a zstd frame start), and the dm-verity tree of the merged image
 disk; the root hash is the one 'convert --export image --verity' prints for
 the same image. These are published as one small OCI artifact whose subject
 is the image manifest: pushed to the image's repository (OCI 1.1 referrers,
@@ -31,7 +32,9 @@ or the sha256-<hex> tag where the registry has no referrers API), or
 written into the OCI layout for oci:DIR[:TAG]. An image indexed before with
 the same --span and --verity-compat is left alone.
 
-Only gzip and uncompressed layers can be indexed; a zstd layer is refused.
+gzip, zstd and uncompressed layers can be indexed. A zstd layer must be in
+frames (as zstd:chunked writes it): one frame larger than --span is refused,
+as it cannot be read without reading all of it.
 
 The index can say what serving the image fetches first: --prefetch-files
 FILE names paths of the image, one per line (a directory stands for the
@@ -44,7 +47,7 @@ another list is another index (the newest is used).
 			Flags: []cli.Flag{
 				&cli.BoolFlag{Name: "insecure", Usage: "allow plain HTTP to the registry"},
 				&cli.StringFlag{Name: "platform", Value: oci.DefaultPlatform(), Usage: "`OS/ARCH[/VARIANT]` to take from a multi-platform image"},
-				sizeFlag("span", gzran.DefaultSpan, "uncompressed `SIZE` between gzip checkpoints"),
+				sizeFlag("span", gzran.DefaultSpan, "uncompressed `SIZE` between checkpoints (gzip) or frame runs (zstd)"),
 				&cli.StringFlag{Name: "verity-compat", Value: "standard", Usage: "`MODE` of the tree: standard (veritysetup) or nydus"},
 				&cli.StringFlag{Name: "prefetch-files", Usage: "store the paths in `FILE` (one per line) as what serving fetches first"},
 				&cli.StringFlag{Name: "prefetch-trace", Usage: "store the device ranges in `FILE` (written by serve --record-trace) as what serving fetches first"},
