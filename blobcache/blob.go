@@ -69,7 +69,7 @@ type blob struct {
 
 	pq prefetchQueue
 
-	foreground atomic.Int64 // reads waiting for fetches; prefetch yields to them
+	foreground *atomic.Int64 // the cache's Cache.foreground
 
 	readyUnits, readyBytes                 atomic.Int64
 	backendReads, backendBytes             atomic.Int64
@@ -137,7 +137,7 @@ func (c *Cache) newBlob(ctx context.Context, be Backend, e *rafs.BlobEntry, chun
 	log := c.opts.Logger.With().Str("blob", id).Logger()
 	entryFP := entryFingerprint(e)
 	b := &blob{
-		cache: c, id: id, entryFP: entryFP, be: be, opts: &c.opts, log: log, mem: c.mem,
+		cache: c, id: id, entryFP: entryFP, be: be, opts: &c.opts, log: log, mem: c.mem, foreground: &c.foreground,
 		inflight:  map[uint32]*fetch{},
 		flushKick: make(chan struct{}, 1),
 	}

@@ -109,6 +109,11 @@ type Cache struct {
 	blobs  map[string]*openBlob // by id: open, being opened, or being closed
 
 	opens atomic.Int64 // blobs really opened, for Stats
+	// foreground counts the reads of any blob waiting for fetches: the
+	// prefetch of every blob yields to them (the backends of an image's
+	// blobs share one network link; per blob, fetching every layer of an
+	// image would leave a read of one layer behind the others' fetches).
+	foreground atomic.Int64
 }
 
 // openBlob is a Cache's record of one blob id. ready is closed once b or

@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/rafsnbd/rafsnbd/blobcache"
 	"github.com/rafsnbd/rafsnbd/internal/gzran"
@@ -404,4 +406,44 @@ func (d *verityDevice) spanEnd(i int) int64 {
 		return d.tableA.Checkpoints[i+1].Out
 	}
 	return int64(len(d.plainA))
+}
+
+// The prefetch of one blob waits while a read of another blob of the
+// cache waits for a fetch: the blobs of an image share one link, and
+// "low priority to reads" must hold across them.
+func TestPrefetchYieldsToOtherBlobsReads(t *testing.T) {
+	d := newVerityDevice(t)
+	c := openCache(t, t.TempDir(), nil)
+	a, b, _ := d.open(t, c, 64<<10)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	d.rawA.setHook(func([]byte, int64) error {
+		once.Do(func() { close(entered) })
+		<-release
+		return nil
+	})
+	readDone := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		_, err := a.ReadAt(buf, int64(len(d.plainA))-4096)
+		readDone <- err
+	}()
+	<-entered
+	before := d.rawB.reads.Load()
+	b.PrefetchAll()
+	time.Sleep(100 * time.Millisecond)
+	if n := d.rawB.reads.Load() - before; n != 0 {
+		close(release)
+		t.Fatalf("blob b's prefetch made %d reads while a read of blob a waited for its fetch", n)
+	}
+	close(release)
+	if err := <-readDone; err != nil {
+		t.Fatal(err)
+	}
+	if err := b.WaitPrefetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.rawB.reads.Load() - before; n == 0 {
+		t.Fatal("blob b was not prefetched once the read was done")
+	}
 }

@@ -47,7 +47,8 @@ const yieldPoll = 5 * time.Millisecond
 
 // Prefetch queues ranges of the uncompressed space to be fetched in the
 // background at low priority: at most Options.PrefetchWorkers fetches at
-// a time, and none while foreground reads wait for fetches. It returns at
+// a time, and none starts while reads of any blob of the cache wait for
+// fetches (a fetch already made is not cut short). It returns at
 // once; WaitPrefetch waits for the queue to drain. Failures are logged and
 // counted in Stats.PrefetchErrors; a later read simply tries again.
 // The queue belongs to the blob, shared by its Handles. A memory-only
