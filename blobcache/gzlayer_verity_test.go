@@ -140,15 +140,23 @@ func (r devReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int,
 }
 
 // open returns the handles of both blobs through c, checked against the
-// tree (unitSize: the cache unit).
+// tree (unitSize: the cache unit), the first read through a gzip layer.
 func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a, b *blobcache.Handle, gl *blobcache.SpanLayer) {
 	t.Helper()
 	gl, err := blobcache.NewGzipLayer(d.rawA, d.windowsA, d.tableA)
 	if err != nil {
 		t.Fatal(err)
 	}
+	a, b = d.openLayer(t, c, unitSize, gl)
+	return a, b, gl
+}
+
+// openLayer is open with the first blob's uncompressed bytes read from
+// layerA.
+func (d *verityDevice) openLayer(t testing.TB, c *blobcache.Cache, unitSize int64, layerA blobcache.Backend) (a, b *blobcache.Handle) {
+	t.Helper()
 	v, err := blobcache.NewDeviceVerity(d.level1, false, d.size, d.boot, []blobcache.VerityExtent{
-		{ID: d.entries[0].ID(), Offset: d.offA, Length: int64(len(d.plainA)), Raw: gl},
+		{ID: d.entries[0].ID(), Offset: d.offA, Length: int64(len(d.plainA)), Raw: layerA},
 		{ID: d.entries[1].ID(), Offset: d.offB, Length: int64(len(d.plainB)), Raw: d.rawB},
 	}, unitSize)
 	if err != nil {
@@ -165,7 +173,7 @@ func (d *verityDevice) open(t testing.TB, c *blobcache.Cache, unitSize int64) (a
 	if err := v.CheckBootstrap(ctx, d.reader(a, b)); err != nil {
 		t.Fatal(err)
 	}
-	return a, b, gl
+	return a, b
 }
 
 // Every byte of both layers reads right through a disk and a memory

@@ -2,7 +2,6 @@ package blobcache_test
 
 import (
 	"bytes"
-	"context"
 	"io"
 	"testing"
 
@@ -69,26 +68,7 @@ func (d *zstdDevice) openZstd(t testing.TB, c *blobcache.Cache, unitSize int64) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := blobcache.NewDeviceVerity(d.level1, false, d.size, d.boot, []blobcache.VerityExtent{
-		{ID: d.entries[0].ID(), Offset: d.offA, Length: int64(len(d.plainA)), Raw: zl},
-		{ID: d.entries[1].ID(), Offset: d.offB, Length: int64(len(d.plainB)), Raw: d.rawB},
-	}, unitSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	a, err := c.OpenBlob(ctx, v.Store(), &d.entries[0], nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := c.OpenBlob(ctx, v.Store(), &d.entries[1], nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close(); b.Close() })
-	if err := v.CheckBootstrap(ctx, d.reader(a, b)); err != nil {
-		t.Fatal(err)
-	}
+	a, _ := d.openLayer(t, c, unitSize, zl)
 	return a, zl
 }
 

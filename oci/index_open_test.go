@@ -77,15 +77,7 @@ func TestOpenIndexedEqualsConvert(t *testing.T) {
 				if ii.RootHash != res.Exports[0].RootHash {
 					t.Fatalf("root %s, convert's %s", ii.RootHash, res.Exports[0].RootHash)
 				}
-				dev := composeIndexed(t, ii)
-				got := make([]byte, dev.Size())
-				if _, err := dev.ReadAt(got, 0); err != nil {
-					t.Fatal(err)
-				}
-				// convert's disk may carry the tree after the data.
-				if int64(len(want)) < dev.Size() || !bytes.Equal(got, want[:dev.Size()]) {
-					t.Fatalf("lazy device (%d bytes) differs from convert's disk (%d bytes)", dev.Size(), len(want))
-				}
+				checkIndexedDevice(t, ii, want)
 			})
 		}
 	}
@@ -173,3 +165,18 @@ type rawIndex struct{ raw []byte }
 
 func (r rawIndex) RawManifest() ([]byte, error)        { return r.raw, nil }
 func (r rawIndex) MediaType() (types.MediaType, error) { return types.OCIImageIndex, nil }
+
+// checkIndexedDevice reads every byte of the device composed from ii and
+// compares it with want, convert's disk of the same image (which may
+// carry the verity tree after the data).
+func checkIndexedDevice(t *testing.T, ii *IndexedImage, want []byte) {
+	t.Helper()
+	dev := composeIndexed(t, ii)
+	got := make([]byte, dev.Size())
+	if _, err := dev.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(want)) < dev.Size() || !bytes.Equal(got, want[:dev.Size()]) {
+		t.Fatalf("lazy device (%d bytes) differs from convert's disk (%d bytes)", dev.Size(), len(want))
+	}
+}

@@ -72,14 +72,7 @@ func TestIndexZstdLayersEqualConvert(t *testing.T) {
 		}
 	}
 	checkZstdTables(t, dir, idx.ArtifactDigest, ii.Layers)
-	dev := composeIndexed(t, ii)
-	got := make([]byte, dev.Size())
-	if _, err := dev.ReadAt(got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if int64(len(want)) < dev.Size() || !bytes.Equal(got, want[:dev.Size()]) {
-		t.Fatalf("lazy device (%d bytes) differs from convert's disk (%d bytes)", dev.Size(), len(want))
-	}
+	checkIndexedDevice(t, ii, want)
 }
 
 // checkZstdTables checks that the artifact's blobs the zstd layers name
