@@ -14,6 +14,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -146,7 +148,7 @@ func OpenIndexed(ctx context.Context, ref string, opts OpenIndexOptions) (*Index
 			errs = append(errs, fmt.Sprintf("%s: %v", d, err))
 			continue
 		}
-		ii.ArtifactFetched = fetcher.fetched
+		ii.ArtifactFetched = fetcher.fetched.Load()
 		return ii, nil
 	}
 	want := ""
@@ -237,7 +239,48 @@ func IndexArtifactCacheDir(cacheRoot string) string {
 type artifactFetcher struct {
 	src     source
 	dir     string // IndexArtifactCacheDir, or "" for no cache
-	fetched int64
+	fetched atomic.Int64
+
+	mu      sync.Mutex
+	fetches map[v1.Hash]*blobFetch // started by fetchAhead
+}
+
+// blobFetch is a blob read started ahead of its use.
+type blobFetch struct {
+	done chan struct{}
+	b    []byte
+	err  error
+}
+
+// fetchAhead starts reading the blobs of ds at once (a few at a time), so
+// that the reads that follow, one after another with checks between
+// them, do not each wait a round trip: on a registry far away the start
+// of a lazily read image is mostly round trips.
+func (f *artifactFetcher) fetchAhead(ctx context.Context, ds []v1.Descriptor, limit int64) {
+	sem := make(chan struct{}, 4)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fetches == nil {
+		f.fetches = map[v1.Hash]*blobFetch{}
+	}
+	for _, d := range ds {
+		if f.fetches[d.Digest] != nil {
+			continue
+		}
+		bf := &blobFetch{done: make(chan struct{})}
+		f.fetches[d.Digest] = bf
+		go func() {
+			defer close(bf.done)
+			select {
+			case sem <- struct{}{}:
+				defer func() { <-sem }()
+			case <-ctx.Done():
+				bf.err = ctx.Err()
+				return
+			}
+			bf.b, bf.err = f.fetch(ctx, d, limit)
+		}()
+	}
 }
 
 // cached returns the cached bytes of d, or nil.
@@ -276,7 +319,7 @@ func (f *artifactFetcher) manifest(ctx context.Context, d v1.Hash) ([]byte, erro
 	if err != nil {
 		return nil, err
 	}
-	f.fetched += int64(len(raw))
+	f.fetched.Add(int64(len(raw)))
 	if got := sha256Hash(raw); got != d {
 		return nil, fmt.Errorf("manifest content has digest %s", got)
 	}
@@ -284,8 +327,26 @@ func (f *artifactFetcher) manifest(ctx context.Context, d v1.Hash) ([]byte, erro
 	return raw, nil
 }
 
-// blob reads a blob of at most limit bytes and checks its digest.
+// blob reads a blob of at most limit bytes and checks its digest (the
+// read fetchAhead started, when it succeeded with the same limit).
 func (f *artifactFetcher) blob(ctx context.Context, d v1.Descriptor, limit int64) ([]byte, error) {
+	f.mu.Lock()
+	bf := f.fetches[d.Digest]
+	f.mu.Unlock()
+	if bf != nil {
+		select {
+		case <-bf.done:
+			if bf.err == nil && int64(len(bf.b)) <= limit {
+				return bf.b, nil
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return f.fetch(ctx, d, limit)
+}
+
+func (f *artifactFetcher) fetch(ctx context.Context, d v1.Descriptor, limit int64) ([]byte, error) {
 	if d.Size >= 0 && d.Size <= limit {
 		if b := f.cached(d.Digest, d.Size); b != nil && int64(len(b)) == d.Size {
 			return b, nil
@@ -295,7 +356,7 @@ func (f *artifactFetcher) blob(ctx context.Context, d v1.Descriptor, limit int64
 	if err != nil {
 		return nil, err
 	}
-	f.fetched += int64(len(b))
+	f.fetched.Add(int64(len(b)))
 	f.keep(d.Digest, b)
 	return b, nil
 }
@@ -321,6 +382,10 @@ func fetchBlob(ctx context.Context, src source, d v1.Descriptor, limit int64) ([
 }
 
 func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Hash) (*artifact, error) {
+	// The reads fetchAhead starts end with it: an artifact refused half
+	// way leaves none running while the next one is tried.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	raw, err := src.manifest(ctx, d)
 	if err != nil {
 		return nil, err
@@ -338,6 +403,15 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		return nil, errors.New("not an index artifact of this image")
 	}
 	a := &artifact{digest: d, tables: map[int]*gzran.Index{}, windows: map[int]v1.Descriptor{}, zstd: map[int]*zstdran.Index{}}
+	// Everything but the windows (read by range later) is needed.
+	var ahead []v1.Descriptor
+	for _, l := range m.Layers {
+		if string(l.MediaType) != IndexGzipWindowType {
+			ahead = append(ahead, l)
+		}
+	}
+	src.fetchAhead(ctx, []v1.Descriptor{m.Config}, maxIndexConfig)
+	src.fetchAhead(ctx, ahead, maxIndexBlob)
 	rawCfg, err := src.blob(ctx, m.Config, maxIndexConfig)
 	if err != nil {
 		return nil, err
