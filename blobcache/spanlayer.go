@@ -79,20 +79,20 @@ func newSpanLayer(c spanCodec) *SpanLayer {
 }
 
 // Size is the uncompressed size.
-func (g *SpanLayer) Size(context.Context) (int64, error) { return g.codec.size(), nil }
+func (l *SpanLayer) Size(context.Context) (int64, error) { return l.codec.size(), nil }
 
 // MayStall: the stored bytes may come from a network.
-func (g *SpanLayer) MayStall() bool {
-	if s, ok := g.codec.backends()[0].(staller); ok {
+func (l *SpanLayer) MayStall() bool {
+	if s, ok := l.codec.backends()[0].(staller); ok {
 		return s.MayStall()
 	}
 	return true
 }
 
 // Close closes the backends.
-func (g *SpanLayer) Close() error {
+func (l *SpanLayer) Close() error {
 	var errs []error
-	for _, b := range g.codec.backends() {
+	for _, b := range l.codec.backends() {
 		if c, ok := b.(io.Closer); ok {
 			errs = append(errs, c.Close())
 		}
@@ -102,21 +102,21 @@ func (g *SpanLayer) Close() error {
 
 // RawStats are the range reads of the stored blob (and, for gzip, of the
 // windows blob), and their bytes.
-func (g *SpanLayer) RawStats() (reads, bytes int64) { return g.rawReads.Load(), g.rawBytes.Load() }
+func (l *SpanLayer) RawStats() (reads, bytes int64) { return l.rawReads.Load(), l.rawBytes.Load() }
 
 // spanEnd is the uncompressed end of span i.
-func (g *SpanLayer) spanEnd(i int) int64 {
-	if i+1 < g.codec.spanCount() {
-		return g.codec.spanStart(i + 1)
+func (l *SpanLayer) spanEnd(i int) int64 {
+	if i+1 < l.codec.spanCount() {
+		return l.codec.spanStart(i + 1)
 	}
-	return g.codec.size()
+	return l.codec.size()
 }
 
 // ReadAt reads uncompressed bytes.
-func (g *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	size := g.codec.size()
+func (l *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	size := l.codec.size()
 	if off < 0 {
-		return 0, fmt.Errorf("blobcache: %s layer: negative offset %d", g.codec.kind(), off)
+		return 0, fmt.Errorf("blobcache: %s layer: negative offset %d", l.codec.kind(), off)
 	}
 	if off >= size {
 		if len(p) == 0 {
@@ -126,13 +126,13 @@ func (g *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 	}
 	want := p[:min(int64(len(p)), size-off)]
 	end := off + int64(len(want))
-	first, last := g.codec.find(off), g.codec.find(end-1)
+	first, last := l.codec.find(off), l.codec.find(end-1)
 	got := make(map[int][]byte, last-first+1)
 	for attempt := 0; ; attempt++ {
-		waits, claims := g.plan(first, last, got)
+		waits, claims := l.plan(first, last, got)
 		var err error
 		for _, c := range claims {
-			if ferr := g.fetch(ctx, c, got); ferr != nil && err == nil {
+			if ferr := l.fetch(ctx, c, got); ferr != nil && err == nil {
 				err = ferr
 			}
 		}
@@ -146,19 +146,19 @@ func (g *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 				err = f.err
 			}
 		}
-		if err == nil && g.collect(first, last, got) {
+		if err == nil && l.collect(first, last, got) {
 			break
 		}
 		if err != nil || attempt >= 2 { // a span evicted as we waited costs another round, not more
 			if err == nil {
 				err = errors.New("decoded spans evicted before they were read")
 			}
-			return 0, fmt.Errorf("blobcache: %s layer: [%d, +%d): %w", g.codec.kind(), off, len(want), err)
+			return 0, fmt.Errorf("blobcache: %s layer: [%d, +%d): %w", l.codec.kind(), off, len(want), err)
 		}
 	}
 	for i := first; i <= last; i++ {
 		s := got[i]
-		so := g.codec.spanStart(i)
+		so := l.codec.spanStart(i)
 		lo, hi := max(off, so), min(end, so+int64(len(s)))
 		copy(want[lo-off:hi-off], s[lo-so:hi-so])
 	}
@@ -170,20 +170,20 @@ func (g *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 
 // plan takes the kept spans of [first, last] into got and returns the
 // fetches to wait for and the spans this reader must fetch (claimed).
-func (g *SpanLayer) plan(first, last int, got map[int][]byte) (waits []*spanFetch, claims []spanClaim) {
+func (l *SpanLayer) plan(first, last int, got map[int][]byte) (waits []*spanFetch, claims []spanClaim) {
 	var claim []int
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	for i := first; i <= last; i++ {
 		if got[i] != nil {
 			continue
 		}
-		if el, ok := g.spans[i]; ok {
-			g.lru.MoveToFront(el)
+		if el, ok := l.spans[i]; ok {
+			l.lru.MoveToFront(el)
 			got[i] = el.Value.(*decodedSpan).data
 			continue
 		}
-		if f := g.inflight[i]; f != nil {
+		if f := l.inflight[i]; f != nil {
 			if len(waits) == 0 || waits[len(waits)-1] != f {
 				waits = append(waits, f)
 			}
@@ -198,7 +198,7 @@ func (g *SpanLayer) plan(first, last int, got map[int][]byte) (waits []*spanFetc
 		}
 		f := &spanFetch{done: make(chan struct{})}
 		for _, i := range claim[lo:hi] {
-			g.inflight[i] = f
+			l.inflight[i] = f
 		}
 		claims = append(claims, spanClaim{first: claim[lo], last: claim[hi-1], f: f})
 		lo = hi
@@ -214,15 +214,15 @@ type spanClaim struct {
 
 // collect takes the kept spans into got and reports whether all of
 // [first, last] are there.
-func (g *SpanLayer) collect(first, last int, got map[int][]byte) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+func (l *SpanLayer) collect(first, last int, got map[int][]byte) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	all := true
 	for i := first; i <= last; i++ {
 		if got[i] != nil {
 			continue
 		}
-		if el, ok := g.spans[i]; ok {
+		if el, ok := l.spans[i]; ok {
 			got[i] = el.Value.(*decodedSpan).data
 			continue
 		}
@@ -233,65 +233,65 @@ func (g *SpanLayer) collect(first, last int, got map[int][]byte) bool {
 
 // fetch reads and decodes the claimed spans, keeps them and puts them
 // into got; it ends their fetch either way.
-func (g *SpanLayer) fetch(ctx context.Context, c spanClaim, got map[int][]byte) error {
-	decoded, err := g.decode(ctx, c.first, c.last)
-	g.mu.Lock()
+func (l *SpanLayer) fetch(ctx context.Context, c spanClaim, got map[int][]byte) error {
+	decoded, err := l.decode(ctx, c.first, c.last)
+	l.mu.Lock()
 	for i := c.first; i <= c.last; i++ {
-		delete(g.inflight, i)
+		delete(l.inflight, i)
 		if err == nil {
 			got[i] = decoded[i-c.first]
-			g.put(i, decoded[i-c.first])
+			l.put(i, decoded[i-c.first])
 		}
 	}
-	g.mu.Unlock()
+	l.mu.Unlock()
 	c.f.err = err
 	close(c.f.done)
 	return err
 }
 
-// put keeps span i, evicting the least recently used beyond keep. g.mu is
+// put keeps span i, evicting the least recently used beyond keep. l.mu is
 // held.
-func (g *SpanLayer) put(i int, data []byte) {
-	if el, ok := g.spans[i]; ok {
-		g.lru.MoveToFront(el)
+func (l *SpanLayer) put(i int, data []byte) {
+	if el, ok := l.spans[i]; ok {
+		l.lru.MoveToFront(el)
 		return
 	}
-	g.spans[i] = g.lru.PushFront(&decodedSpan{i: i, data: data})
-	for g.lru.Len() > g.keep {
-		el := g.lru.Back()
-		g.lru.Remove(el)
-		delete(g.spans, el.Value.(*decodedSpan).i)
+	l.spans[i] = l.lru.PushFront(&decodedSpan{i: i, data: data})
+	for l.lru.Len() > l.keep {
+		el := l.lru.Back()
+		l.lru.Remove(el)
+		delete(l.spans, el.Value.(*decodedSpan).i)
 	}
 }
 
 // Forget drops the kept spans overlapping [off, off+n): their bytes
 // failed a check, so the next read fetches them again.
-func (g *SpanLayer) Forget(off, n int64) {
-	size := g.codec.size()
+func (l *SpanLayer) Forget(off, n int64) {
+	size := l.codec.size()
 	if n <= 0 || off >= size {
 		return
 	}
-	first, last := g.codec.find(off), g.codec.find(min(off+n, size)-1)
-	g.mu.Lock()
+	first, last := l.codec.find(off), l.codec.find(min(off+n, size)-1)
+	l.mu.Lock()
 	for i := first; i <= last; i++ {
-		if el, ok := g.spans[i]; ok {
-			g.lru.Remove(el)
-			delete(g.spans, i)
+		if el, ok := l.spans[i]; ok {
+			l.lru.Remove(el)
+			delete(l.spans, i)
 		}
 	}
-	g.mu.Unlock()
+	l.mu.Unlock()
 }
 
 // decode reads the stored bytes of spans [first, last] and decodes them
 // whole.
-func (g *SpanLayer) decode(ctx context.Context, first, last int) ([][]byte, error) {
-	r, err := g.codec.open(ctx, first, last, g.readRaw)
+func (l *SpanLayer) decode(ctx context.Context, first, last int) ([][]byte, error) {
+	r, err := l.codec.open(ctx, first, last, l.readRaw)
 	if err != nil {
 		return nil, err
 	}
 	out := make([][]byte, 0, last-first+1)
 	for i := first; i <= last; i++ {
-		b := make([]byte, g.spanEnd(i)-g.codec.spanStart(i))
+		b := make([]byte, l.spanEnd(i)-l.codec.spanStart(i))
 		if _, err := io.ReadFull(r, b); err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
@@ -304,11 +304,11 @@ func (g *SpanLayer) decode(ctx context.Context, first, last int) ([][]byte, erro
 }
 
 // readRaw reads n bytes at off of b, counted in RawStats.
-func (g *SpanLayer) readRaw(ctx context.Context, b Backend, off, n int64, what string) ([]byte, error) {
+func (l *SpanLayer) readRaw(ctx context.Context, b Backend, off, n int64, what string) ([]byte, error) {
 	p := make([]byte, n)
 	got, err := b.ReadAt(ctx, p, off)
-	g.rawReads.Add(1)
-	g.rawBytes.Add(int64(got))
+	l.rawReads.Add(1)
+	l.rawBytes.Add(int64(got))
 	if got < len(p) {
 		if err == nil || errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
