@@ -153,7 +153,8 @@ func (l *SpanLayer) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 			if err == nil {
 				err = errors.New("decoded spans evicted before they were read")
 			}
-			return 0, fmt.Errorf("blobcache: %s layer: [%d, +%d): %w", l.codec.kind(), off, len(want), err)
+			// The cache names the blob and "blobcache" in front of this.
+			return 0, fmt.Errorf("%s layer: [%d, +%d): %w", l.codec.kind(), off, len(want), err)
 		}
 	}
 	for i := first; i <= last; i++ {
