@@ -9,7 +9,11 @@
 #   3. check the tree with veritysetup using that line as printed,
 #   4. as root: mount the disk read-only with the kernel, list it, compare it
 #      with umoci's extraction of the same image when umoci is installed,
-#      then clean everything up.
+#   5. as root: the lazy path from the image reference alone: rafsnbd index
+#      it once (same root hash as convert's), then rafsnbd mount --image REF
+#      with an empty cache, pinned to that root: only what is read is
+#      fetched, every byte checked against the verity tree; then clean
+#      everything up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +27,7 @@ mounts=()
 cleanup() {
   set +e
   for m in "${mounts[@]}"; do umount "$m"; done
+  [ -n "${LAZY:-}" ] && mountpoint -q "$LAZY" && "$RAFSNBD" umount "$LAZY"
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -67,3 +72,18 @@ if command -v umoci >/dev/null; then
   umoci unpack --image "$W/layout:v1" "$W/bundle" >/dev/null
   diff -r --no-dereference "$W/bundle/rootfs" "$W/mnt" && echo "mounted image equals umoci's rootfs"
 fi
+
+step "lazily, from the reference alone: index it once, then rafsnbd mount --image with an empty cache"
+"$RAFSNBD" index "oci:$W/layout:v1" | tee "$W/index.out"
+iroot=$(sed -n 's/^root hash: //p' "$W/index.out")
+[ "$iroot" = "$root" ] || { echo "index's root hash $iroot differs from convert's $root" >&2; exit 1; }
+echo "index's root hash equals convert's"
+LAZY=$W/lazy
+mkdir -p "$LAZY"
+"$RAFSNBD" mount --image "oci:$W/layout:v1" --cache-dir "$W/lazy-cache" --root-hash "$iroot" "$LAZY"
+cat "$LAZY/etc/motd"
+"$RAFSNBD" status
+if command -v umoci >/dev/null; then
+  diff -r --no-dereference "$W/bundle/rootfs" "$LAZY" && echo "lazily mounted image equals umoci's rootfs"
+fi
+"$RAFSNBD" umount "$LAZY"
