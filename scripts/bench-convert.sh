@@ -28,6 +28,7 @@
 #   SIZE_MIB=600 RUNS=5 CONCURRENCY=1 scripts/bench-convert.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/registry.sh
 
 SIZE_MIB="${SIZE_MIB:-300}"
 RUNS="${RUNS:-3}"
@@ -39,10 +40,10 @@ for c in docker-registry jq curl; do
 done
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/bench-convert.XXXXXX")
-reg_pid=""
+pids=()
 cleanup() {
   set +e
-  [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null && wait "$reg_pid" 2>/dev/null
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -50,26 +51,9 @@ trap cleanup EXIT
 go build -o "$W/rafsnbd" ./cmd/rafsnbd
 go build -o "$W/mkoci" ./scripts/mkoci
 
-# A free loopback port: ask the kernel for one.
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$W/registry.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $W/registry
-http:
-  addr: 127.0.0.1:$port
-EOF
-docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null || { cat "$W/registry.log" >&2; exit 1; }
+start_registry registry
 
-REF="127.0.0.1:$port/bench/synth:v1"
+REF="$REG/bench/synth:v1"
 echo "generating a ${SIZE_MIB} MiB 3-layer image and pushing it to $REF"
 "$W/mkoci" -synth-mb "$SIZE_MIB" -work "$W" -push "$REF" -insecure >/dev/null
 rm -f "$W"/*.tar "$W"/*.tar.gz
@@ -86,8 +70,8 @@ run() {
   jq -r --argjson total "$(((end - start) / 1000000))" '
     def ms: . / 1e6 | floor;
     [$total,
-     ([.Layers[].Download] | add | ms), ([.Layers[].Decompress] | add | ms), ([.Layers[].Build] | add | ms),
-     (.Layer | ms), (.Merge | ms), ([.Exports[]?.took_ns // 0] | add // 0 | ms)] | @tsv' "$W/out.json"
+     ([.layers[].download_ns] | add | ms), ([.layers[].decompress_ns] | add | ms), ([.layers[].build_ns] | add | ms),
+     (.layers_ns | ms), (.merge_ns | ms), ([.exports[]?.took_ns // 0] | add // 0 | ms)] | @tsv' "$W/out.json"
 }
 
 median() { sort -n | sed -n "$(((RUNS + 1) / 2))p"; }
@@ -102,9 +86,9 @@ for i in $(seq "$RUNS"); do
   sync
   run >>"$W/cold.tsv"
   if [ "$i" = 1 ]; then
-    tars=$(jq '[.Layers[].TarSize] | add' "$W/out.json")
-    blobs=$(jq '[.Layers[].Size] | add' "$W/out.json")
-    awk -v n="$(jq '.Layers | length' "$W/out.json")" -v b="$blobs" -v t="$tars" \
+    tars=$(jq '[.layers[].tar_size] | add' "$W/out.json")
+    blobs=$(jq '[.layers[].size] | add' "$W/out.json")
+    awk -v n="$(jq '.layers | length' "$W/out.json")" -v b="$blobs" -v t="$tars" \
       'BEGIN { printf "image: %d layers, %.1f MiB compressed, %.1f MiB of tar\n", n, b / 1048576, t / 1048576 }'
   fi
   run >>"$W/warm.tsv"

@@ -11,6 +11,7 @@
 # before/after comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/registry.sh
 RUNS=${RUNS:-3}
 LAYERS=${LAYERS:-/usr/bin /usr/libexec /usr/include}
 W=$(mktemp -d /tmp/bench-index.XXXXXX)
@@ -23,17 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 go build -o "$W/rafsnbd" ./cmd/rafsnbd
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$W/registry.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $W/registry}}
-http: {addr: 127.0.0.1:$port}
-EOF
-docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-REG=127.0.0.1:$port
+start_registry registry
 # shellcheck disable=SC2086
 go run ./scripts/mkoci -push "$REG/bench/idx0:v1" -insecure $LAYERS >/dev/null
 for i in $(seq "$RUNS"); do # cross-repository blob mounts: no new bytes stored

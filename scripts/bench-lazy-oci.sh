@@ -15,6 +15,7 @@
 # 256K, default index's) is index's --span, to compare spans.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/registry.sh
 SIZE_MB=${SIZE_MB:-200}
 RANDOM_READS=${RANDOM_READS:-200}
 W=$(mktemp -d /tmp/bench-lazy-oci.XXXXXX)
@@ -30,17 +31,8 @@ now() { date +%s.%N; }
 
 go build -o "$W/rafsnbd" ./cmd/rafsnbd
 R="$W/rafsnbd"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$W/registry.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $W/registry}}
-http: {addr: 127.0.0.1:$port}
-EOF
-docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-REF=127.0.0.1:$port/bench/lazy:v1
+start_registry registry
+REF=$REG/bench/lazy:v1
 go run ./scripts/mkoci -synth-mb "$SIZE_MB" -push "$REF" -insecure >/dev/null
 
 t0=$(now)

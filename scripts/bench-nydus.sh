@@ -17,6 +17,7 @@
 #   SIZE_MIB=100 scripts/bench-nydus.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/registry.sh
 
 SIZE_MIB="${SIZE_MIB:-300}"
 for c in docker-registry jq curl skopeo; do
@@ -35,30 +36,10 @@ trap cleanup EXIT
 go build -o "$W/rafsnbd" ./cmd/rafsnbd
 go build -o "$W/mkoci" ./scripts/mkoci
 
-# start_registry NAME: a docker-registry on a free loopback port; prints it.
-start_registry() {
-  local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  cat >"$W/$1.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $W/$1
-http:
-  addr: 127.0.0.1:$port
-EOF
-  docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
-  curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null || { cat "$W/$1.log" >&2; exit 1; }
-  echo "127.0.0.1:$port"
-}
-src_reg=$(start_registry src)
-dst_reg=$(start_registry dst)
+start_registry src
+src_reg=$REG
+start_registry dst
+dst_reg=$REG
 SRC="$src_reg/bench/app:v1"
 "$W/mkoci" -synth-mb "$SIZE_MIB" -work "$W" -push "$SRC" -insecure >/dev/null
 

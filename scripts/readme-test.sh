@@ -8,6 +8,7 @@
 # export, then get SIGTERM and must exit 0. Needs root for the mount line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/registry.sh
 REPO=$PWD
 
 scripts/deps.sh >/dev/null
@@ -15,29 +16,18 @@ make --no-print-directory build >/dev/null
 BIN=$REPO/bin/rafsnbd
 
 W=$(mktemp -d /tmp/rafsnbd-readme.XXXXXX)
-REG_PID=
+pids=()
 cleanup() {
   set +e
   "$BIN" umount "$W/mnt" >/dev/null 2>&1
   mountpoint -q "$W/mnt" && umount "$W/mnt"
-  [ -n "$REG_PID" ] && kill "$REG_PID" && wait "$REG_PID" 2>/dev/null
+  for p in "${pids[@]}"; do kill "$p" && wait "$p" 2>/dev/null; done
   rm -rf "$W"
 }
 trap cleanup EXIT
 
 # The registry, on a free port.
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-REG=127.0.0.1:$PORT
-mkdir -p "$W/registry"
-cat >"$W/registry/config.yml" <<EOF
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $W/registry/data}}
-http: {addr: $REG}
-EOF
-docker-registry serve "$W/registry/config.yml" >"$W/registry/log" 2>&1 &
-REG_PID=$!
-for _ in $(seq 100); do curl -fsS "http://$REG/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+start_registry registry
 
 # The example inputs.
 cp -a scripts/example/rootfs "$W/rootfs"
