@@ -29,18 +29,11 @@ type zstdCodec struct {
 // checksums, when they have them, and the table's checkpoints as decoding
 // passes them are checked too). A span larger than MaxZstdSpan is refused.
 func NewZstdLayer(raw Backend, idx *zstdran.Index) (*SpanLayer, error) {
-	cps := idx.Checkpoints
-	if len(cps) == 0 {
+	if len(idx.Checkpoints) == 0 {
 		return nil, fmt.Errorf("blobcache: zstd index without checkpoints")
 	}
-	for i := range cps {
-		end := idx.UncompressedSize
-		if i+1 < len(cps) {
-			end = cps[i+1].Out
-		}
-		if end-cps[i].Out > MaxZstdSpan {
-			return nil, fmt.Errorf("blobcache: zstd layer: a span of %d bytes at %d (at most %d: frames too large to be read lazily)", end-cps[i].Out, cps[i].Out, MaxZstdSpan)
-		}
+	if n, at := idx.LargestSpan(); n > MaxZstdSpan {
+		return nil, fmt.Errorf("blobcache: zstd layer: a span of %d bytes at %d (at most %d: frames too large to be read lazily)", n, at, MaxZstdSpan)
 	}
 	return newSpanLayer(&zstdCodec{raw: raw, idx: idx}), nil
 }

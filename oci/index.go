@@ -437,15 +437,9 @@ func zstdLazy(idx *zstdran.Index) error {
 	if (idx.Frames <= 1 || len(cps) == 1) && idx.UncompressedSize > idx.Span {
 		return errors.New("a zstd layer of one frame cannot be read lazily (recompress it in frames, e.g. zstd:chunked, or use rafsnbd convert)")
 	}
-	for i := range cps {
-		end := idx.UncompressedSize
-		if i+1 < len(cps) {
-			end = cps[i+1].Out
-		}
-		if n := end - cps[i].Out; n > blobcache.MaxZstdSpan {
-			return fmt.Errorf("a zstd layer cannot be read lazily with %d bytes between checkpoints (from offset %d; at most %d MiB: recompress it in smaller frames, index it with a smaller span, or use rafsnbd convert)",
-				n, cps[i].Out, blobcache.MaxZstdSpan>>20)
-		}
+	if n, at := idx.LargestSpan(); n > blobcache.MaxZstdSpan {
+		return fmt.Errorf("a zstd layer cannot be read lazily with %d bytes between checkpoints (from offset %d; at most %d MiB: recompress it in smaller frames, index it with a smaller span, or use rafsnbd convert)",
+			n, at, blobcache.MaxZstdSpan>>20)
 	}
 	return nil
 }

@@ -394,6 +394,22 @@ func (x *Indexer) Index() (*Index, error) {
 	return &idx, nil
 }
 
+// LargestSpan returns the size of the largest span (the uncompressed
+// bytes from a checkpoint to the next, or to the end) and its offset: what
+// a reader must decode, and hold, to read any byte of it.
+func (idx *Index) LargestSpan() (size, at int64) {
+	for i, c := range idx.Checkpoints {
+		end := idx.UncompressedSize
+		if i+1 < len(idx.Checkpoints) {
+			end = idx.Checkpoints[i+1].Out
+		}
+		if end-c.Out > size {
+			size, at = end-c.Out, c.Out
+		}
+	}
+	return size, at
+}
+
 // Find returns the index of the last checkpoint at or before uncompressed
 // offset off.
 func (idx *Index) Find(off int64) int {
