@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -466,48 +467,52 @@ func loadArtifact(ctx context.Context, src *artifactFetcher, img *image, d v1.Ha
 		if l.Digest != il.digest.String() || l.DiffID != il.diffID.String() || l.Size != il.size || l.MediaType != string(il.mediaType) {
 			return nil, fmt.Errorf("layer %d is %s (%s), the image's is %s (%s)", i, l.Digest, l.DiffID, il.digest, il.diffID)
 		}
-		if l.MediaType == string(types.OCILayerZStd) {
-			if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexZstdTableType || l.Windows != -1 {
-				return nil, fmt.Errorf("layer %d: zstd checkpoint table %d is not in the artifact", i, l.Table)
+		switch {
+		case l.MediaType == string(types.OCILayerZStd):
+			idx := new(zstdran.Index)
+			if l.Windows != -1 {
+				return nil, fmt.Errorf("layer %d: a zstd table has no windows (%d)", i, l.Windows)
 			}
-			raw, err := src.blob(ctx, m.Layers[l.Table], maxIndexBlob)
-			if err != nil {
+			if err := loadTable(ctx, src, m.Layers, i, l, IndexZstdTableType, idx, func() (int64, int64) { return idx.CompressedSize, idx.UncompressedSize }); err != nil {
 				return nil, err
 			}
-			idx := new(zstdran.Index)
-			if err := idx.UnmarshalBinary(raw); err != nil {
-				return nil, fmt.Errorf("layer %d: %w", i, err)
-			}
-			if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
-				return nil, fmt.Errorf("layer %d: zstd checkpoint table for %d/%d bytes, the layer has %d/%d", i, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
-			}
 			a.zstd[l.Table] = idx
-			continue
+		case l.Table >= 0:
+			idx := new(gzran.Index)
+			if l.Windows < 2 || l.Windows >= len(m.Layers) || string(m.Layers[l.Windows].MediaType) != IndexGzipWindowType {
+				return nil, fmt.Errorf("layer %d: the windows of its checkpoint table (%d) are not in the artifact", i, l.Windows)
+			}
+			if err := loadTable(ctx, src, m.Layers, i, l, IndexGzipTableType, idx, func() (int64, int64) { return idx.CompressedSize, idx.UncompressedSize }); err != nil {
+				return nil, err
+			}
+			if w := m.Layers[l.Windows]; w.Size != idx.WindowsSize() {
+				return nil, fmt.Errorf("layer %d: its windows blob has %d bytes, its table says %d", i, w.Size, idx.WindowsSize())
+			}
+			a.tables[l.Table], a.windows[l.Table] = idx, m.Layers[l.Windows]
 		}
-		if l.Table < 0 {
-			continue
-		}
-		if l.Table < 2 || l.Table >= len(m.Layers) || string(m.Layers[l.Table].MediaType) != IndexGzipTableType ||
-			l.Windows < 2 || l.Windows >= len(m.Layers) || string(m.Layers[l.Windows].MediaType) != IndexGzipWindowType {
-			return nil, fmt.Errorf("layer %d: checkpoint table %d or its windows %d are not in the artifact", i, l.Table, l.Windows)
-		}
-		raw, err := src.blob(ctx, m.Layers[l.Table], maxIndexBlob)
-		if err != nil {
-			return nil, err
-		}
-		idx := new(gzran.Index)
-		if err := idx.UnmarshalBinary(raw); err != nil {
-			return nil, fmt.Errorf("layer %d: %w", i, err)
-		}
-		if idx.UncompressedSize != l.UncompressedSize || idx.CompressedSize != l.Size {
-			return nil, fmt.Errorf("layer %d: checkpoint table for %d/%d bytes, the layer has %d/%d", i, idx.CompressedSize, idx.UncompressedSize, l.Size, l.UncompressedSize)
-		}
-		if w := m.Layers[l.Windows]; w.Size != idx.WindowsSize() {
-			return nil, fmt.Errorf("layer %d: its windows blob has %d bytes, its table says %d", i, w.Size, idx.WindowsSize())
-		}
-		a.tables[l.Table], a.windows[l.Table] = idx, m.Layers[l.Windows]
 	}
 	return a, nil
+}
+
+// loadTable reads layer i's checkpoint table (the artifact layer l.Table,
+// of media type mt) into table, and checks that sizes, its compressed and
+// uncompressed sizes once decoded, are the layer's.
+func loadTable(ctx context.Context, src *artifactFetcher, blobs []v1.Descriptor, i int, l IndexLayer, mt string,
+	table encoding.BinaryUnmarshaler, sizes func() (compressed, uncompressed int64)) error {
+	if l.Table < 2 || l.Table >= len(blobs) || string(blobs[l.Table].MediaType) != mt {
+		return fmt.Errorf("layer %d: its checkpoint table (%d, %s) is not in the artifact", i, l.Table, mt)
+	}
+	raw, err := src.blob(ctx, blobs[l.Table], maxIndexBlob)
+	if err != nil {
+		return err
+	}
+	if err := table.UnmarshalBinary(raw); err != nil {
+		return fmt.Errorf("layer %d: %w", i, err)
+	}
+	if c, u := sizes(); c != l.Size || u != l.UncompressedSize {
+		return fmt.Errorf("layer %d: checkpoint table for %d/%d bytes, the layer has %d/%d", i, c, u, l.Size, l.UncompressedSize)
+	}
+	return nil
 }
 
 // open builds the layers' backends and the verity checker.
